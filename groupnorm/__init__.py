@@ -1,0 +1,13 @@
+"""groupnorm: Group Normalization for PyTorch (Wu & He, ECCV 2018).
+
+An exact, fused GroupNorm op (``group_norm``, ``GroupNorm``) with CPU and Triton routes,
+and the batch-size study that shows the BatchNorm/GroupNorm trade-off (``groupnorm`` CLI).
+"""
+
+from .functional import group_norm
+from .modules import GroupNorm
+from .ops.routes import available_routes, use_route
+
+__version__ = "0.1.0"
+
+__all__ = ["group_norm", "GroupNorm", "use_route", "available_routes", "__version__"]

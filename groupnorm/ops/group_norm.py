@@ -1,0 +1,116 @@
+"""The GroupNorm op as two ``torch.library`` custom ops with autograd and fake kernels.
+
+``groupnorm::fwd`` and ``groupnorm::bwd`` are opaque to Dynamo/AOTAutograd (no graph
+break under ``torch.compile(fullgraph=True)``), have fake implementations for tracing and
+export, and dispatch at run time to a route (see :mod:`groupnorm.ops.routes`).
+
+Custom ops cannot return ``None``, so "absent" outputs are returned as empty tensors of
+shape (0,) and turned back into ``None`` here.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import reference
+from . import routes
+
+Tensor = torch.Tensor
+
+
+def _none_if_empty(t: Tensor) -> Optional[Tensor]:
+    return None if t.dim() == 1 and t.numel() == 0 else t
+
+
+@torch.library.custom_op("groupnorm::fwd", mutates_args=())
+def fwd(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    residual: Optional[Tensor],
+    num_groups: int,
+    eps: float,
+    activation: str,
+    route: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(y, mean, rstd, sum)``; ``sum`` is empty (0,) without a residual."""
+    r = routes.select(route, x, weight, residual, activation)
+    y, mean, rstd, s = r.forward(x, weight, bias, residual, num_groups, eps, activation)
+    return y, mean, rstd, (s if s is not None else x.new_empty(0))
+
+
+@fwd.register_fake
+def _fwd_fake(x, weight, bias, residual, num_groups, eps, activation, route):
+    fmt = reference.memory_format_of(x)
+    acc = reference.acc_dtype(x.dtype)
+    y = torch.empty_like(x, memory_format=fmt)
+    mean = x.new_empty((x.shape[0], num_groups), dtype=acc)
+    rstd = x.new_empty((x.shape[0], num_groups), dtype=acc)
+    s = torch.empty_like(x, memory_format=fmt) if residual is not None else x.new_empty(0)
+    return y, mean, rstd, s
+
+
+@torch.library.custom_op("groupnorm::bwd", mutates_args=())
+def bwd(
+    dy: Tensor,
+    dsum: Optional[Tensor],
+    xs: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    mean: Tensor,
+    rstd: Tensor,
+    num_groups: int,
+    activation: str,
+    route: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns ``(dx, dweight, dbias)``; dweight/dbias are empty (0,) without weight/bias."""
+    r = routes.select(route, xs, weight, None, activation)
+    dx, dw, db = r.backward(dy, dsum, xs, weight, bias, mean, rstd, num_groups, activation)
+    empty = xs.new_empty(0)
+    return dx, (dw if dw is not None else empty), (db if db is not None else empty)
+
+
+@bwd.register_fake
+def _bwd_fake(dy, dsum, xs, weight, bias, mean, rstd, num_groups, activation, route):
+    dx = torch.empty_like(xs, memory_format=reference.memory_format_of(xs))
+    dw = torch.empty_like(weight) if weight is not None else xs.new_empty(0)
+    db = torch.empty_like(bias) if bias is not None else xs.new_empty(0)
+    return dx, dw, db
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, residual, num_groups, eps, activation, route = inputs
+    y, mean, rstd, s = output
+    ctx.has_residual = residual is not None
+    ctx.num_groups, ctx.activation, ctx.route = num_groups, activation, route
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(s if ctx.has_residual else x, weight, bias, mean, rstd)
+
+
+def _backward(ctx, dy, _dmean, _drstd, ds):
+    xs, weight, bias, mean, rstd = ctx.saved_tensors
+    if dy is None:  # only the returned sum was used downstream
+        dy = torch.zeros_like(xs)
+    dsum = ds if ctx.has_residual and ds is not None and ds.numel() == xs.numel() else None
+    dx, dw, db = bwd(dy, dsum, xs, weight, bias, mean, rstd, ctx.num_groups, ctx.activation, ctx.route)
+    dres = dx if ctx.has_residual else None
+    return dx, _none_if_empty(dw), _none_if_empty(db), dres, None, None, None, None
+
+
+fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _bwd_not_differentiable(ctx, *grads):
+    raise RuntimeError(
+        "groupnorm: double backward (gradient of the gradient) is not implemented; "
+        "use torch.nn.functional.group_norm for higher-order derivatives"
+    )
+
+
+def _bwd_setup(ctx, inputs, output):
+    pass
+
+
+bwd.register_autograd(_bwd_not_differentiable, setup_context=_bwd_setup)

@@ -1,0 +1,120 @@
+"""Routes: the implementations the op can run, and how one is picked.
+
+A route is a pair of plain functions (no autograd, no nn.Module) with these signatures::
+
+    forward(x, weight, bias, residual, num_groups, eps, activation)
+        -> (y, mean, rstd, sum_or_None)          # mean/rstd: (N, G), fp32 (fp64 for fp64 x)
+    backward(dy, dsum, xs, weight, bias, mean, rstd, num_groups, activation)
+        -> (dx, dweight_or_None, dbias_or_None)  # xs = x, or x + residual
+
+plus ``supports(x, weight, residual, activation) -> None | str`` that returns None when the
+route can take the call and otherwise a short reason (used in the error of a forced route).
+
+``"auto"`` walks the routes by descending priority and takes the first that supports the
+call; :func:`use_route` (or the ``route=`` argument of ``group_norm``) forces one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from .. import reference
+
+
+@dataclass(frozen=True)
+class Route:
+    name: str
+    forward: Callable
+    backward: Callable
+    supports: Callable[..., Optional[str]]
+    priority: int
+
+
+ROUTES: dict[str, Route] = {}
+_forced: Optional[str] = None
+# Optional modules that register a route on import; absent or unimportable ones are skipped
+# (e.g. no Triton installed), anything else they raise surfaces.
+_OPTIONAL = ("groupnorm.ops.cpu", "groupnorm.ops.triton_gn")
+_loaded = False
+
+
+def register_route(name: str, forward: Callable, backward: Callable,
+                   supports: Callable[..., Optional[str]], priority: int = 0) -> None:
+    """Add (or replace) a route. Higher priority is tried first by ``"auto"``."""
+    ROUTES[name] = Route(name, forward, backward, supports, priority)
+
+
+def _load_optional() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for mod in _OPTIONAL:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            # only "this optional module (or its optional dependency) is not there" is silent
+            if e.name not in (mod, "triton") and not (e.name or "").startswith("triton."):
+                raise
+
+
+def available_routes() -> list[str]:
+    """Names of the registered routes, in the order ``"auto"`` tries them."""
+    _load_optional()
+    return [r.name for r in sorted(ROUTES.values(), key=lambda r: -r.priority)]
+
+
+@contextlib.contextmanager
+def use_route(name: Optional[str]) -> Iterator[None]:
+    """Force every ``group_norm`` call in the block onto one route (``None``/"auto": pick).
+
+    Example::
+
+        >>> with groupnorm.use_route("reference"):
+        ...     y = groupnorm.group_norm(x, 8)
+    """
+    global _forced
+    if name is not None and name != "auto":
+        _load_optional()
+        if name not in ROUTES:
+            raise ValueError(f"unknown route {name!r}; available: {available_routes()}")
+    prev, _forced = _forced, (None if name == "auto" else name)
+    try:
+        yield
+    finally:
+        _forced = prev
+
+
+def current_route() -> str:
+    """The route forced by :func:`use_route`, or ``"auto"``."""
+    return _forced or "auto"
+
+
+def select(route: str, x: torch.Tensor, weight, residual, activation: str) -> Route:
+    """The route that runs this call (the launcher's choice)."""
+    _load_optional()
+    if route != "auto":
+        r = ROUTES.get(route)
+        if r is None:
+            raise ValueError(f"unknown route {route!r}; available: {available_routes()}")
+        why = r.supports(x, weight, residual, activation)
+        if why is not None:
+            raise RuntimeError(
+                f"group_norm: route {route!r} cannot run this call ({why}); "
+                f"use route='auto' or one of {available_routes()}"
+            )
+        return r
+    for name in available_routes():
+        r = ROUTES[name]
+        if r.supports(x, weight, residual, activation) is None:
+            return r
+    raise AssertionError("the reference route supports every call")  # pragma: no cover
+
+
+register_route("reference", reference.forward, reference.backward,
+               lambda x, weight, residual, activation: None, priority=0)
