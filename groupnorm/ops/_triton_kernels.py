@@ -1,0 +1,513 @@
+"""Triton kernels of the GroupNorm op (kernels only; launching lives in ``triton_gn``).
+
+Every tensor is addressed as a strided ``(N, C, S)`` view (S = product of the spatial
+dims), so NCHW (channel stride S, spatial stride 1), channels-last 2D/3D (channel stride 1,
+spatial stride C: the Cg channels of a group are contiguous per pixel) and any other layout
+whose spatial dims merge into one stride are read and written in place, without a copy.
+A tile is ``[BLOCK_C, BLOCK_S]`` (channels of one group x spatial positions); Triton
+specializes stride arguments equal to 1, so the contiguous axis of either layout is known
+at compile time and vectorized.
+
+Work items. A group (n, g) holds ``D = Cg * S`` values. Its spatial range is cut into
+``SPLIT`` chunks of ``S_CHUNK`` positions; a work item is one (group, chunk) pair,
+``w = group * SPLIT + chunk``, and a program runs ``ITEMS`` consecutive work items.
+``SPLIT > 1, ITEMS = 1`` spreads few big groups over the whole chip; ``SPLIT = 1,
+ITEMS > 1`` packs many tiny groups into one program.
+
+Forward (statistics in fp32, never E[x^2] - E[x]^2)::
+
+    s    = round_to_x_dtype(x + residual)       (written to SUM when a residual is fused)
+    per tile: count, tile mean, centred sum of squares; tiles and chunks are merged with
+    Chan's parallel formula (mean = sum c_j m_j / sum c_j,
+    M2 = sum M2_j + sum c_j (m_j - mean)^2), always in the same order
+    rstd = 1 / sqrt(M2 / D + eps)
+    y    = act((s - mean) * rstd * w[c] + b[c])
+
+Backward (VJP), with xhat = (s - mean) * rstd, z = xhat * w + b, dz = dy * act'(z),
+dxhat = dz * w and means over the group::
+
+    dw[c] = sum_{n,s} dz * xhat               db[c] = sum_{n,s} dz
+    dx    = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))  (+ dsum)
+
+The group sums follow from the per-channel ones: sum(dxhat) = sum_c w[c] * DBP[n, c] and
+sum(dxhat * xhat) = sum_c w[c] * DWP[n, c], so one pass writes per-(sample, chunk, channel)
+fp32 partials DWP/DBP; the dx pass combines them per group and ``_gn_bwd_dwdb`` sums them
+over the rows for dW/dB. Every reduction runs in a fixed order: no atomics, bitwise
+deterministic for a given configuration.
+
+Offsets are int64 when ``INT64`` (a tensor of 2^31 elements or more), int32 otherwise.
+Every load is cast to fp32 right away (the interpreter hands bf16 over as raw 16-bit ints).
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+# Whether these kernels were defined for the interpreter (``triton.jit`` decides at
+# definition time); the launcher re-imports this module when the setting changed.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+ACT_CODES = {"none": 0, "silu": 1, "gelu": 2, "relu": 3}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@triton.jit
+def _offsets(n, ch, ss, stride_n, stride_c, stride_s, INT64: tl.constexpr):
+    """Element offsets of a [BLOCK_C, BLOCK_S] tile: n scalar, ch [BLOCK_C], ss [BLOCK_S]."""
+    if INT64:
+        return (n.to(tl.int64) * stride_n + ch.to(tl.int64)[:, None] * stride_c
+                + ss.to(tl.int64)[None, :] * stride_s)
+    else:
+        return n * stride_n + ch[:, None] * stride_c + ss[None, :] * stride_s
+
+
+@triton.jit
+def _act(z, ACT: tl.constexpr):
+    """act(z): 0 identity, 1 silu, 2 gelu (exact erf), 3 relu (NaN stays NaN)."""
+    if ACT == 1:
+        z = z * tl.sigmoid(z)
+    elif ACT == 2:
+        z = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+    elif ACT == 3:
+        z = tl.where(z < 0.0, 0.0, z)
+    return z
+
+
+@triton.jit
+def _act_grad(z, ACT: tl.constexpr):
+    """d act(z) / dz for ACT in 1..3 (same formulas as ``reference._act_grad``)."""
+    if ACT == 1:
+        sig = tl.sigmoid(z)
+        g = sig * (1.0 + z * (1.0 - sig))
+    elif ACT == 2:
+        cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
+        g = cdf + z * pdf
+    else:
+        g = tl.where(z > 0.0, 1.0, 0.0)
+    return g
+
+
+@triton.jit
+def _merge_partials(PART, base, count, BLOCK_SPLIT: tl.constexpr):
+    """Chan merge of ``count`` (cnt, mean, M2) triples at PART[base:base+3*count] -> (mean, var)."""
+    j = tl.arange(0, BLOCK_SPLIT)
+    jm = j < count
+    c = tl.load(PART + (base + j * 3 + 0), mask=jm, other=0.0).to(tl.float32)
+    m = tl.load(PART + (base + j * 3 + 1), mask=jm, other=0.0).to(tl.float32)
+    q = tl.load(PART + (base + j * 3 + 2), mask=jm, other=0.0).to(tl.float32)
+    tot = tl.sum(c, axis=0)
+    mean = tl.sum(c * m, axis=0) / tot
+    d = tl.where(jm, m - mean, 0.0)
+    m2 = tl.sum(q, axis=0) + tl.sum(c * d * d, axis=0)
+    return mean, m2 / tot
+
+
+@triton.jit
+def _fwd_stats_chunk(
+    X, R, SUM, n, g, s_lo, s_hi, Cg,
+    x_sn, x_sc, x_ss, r_sn, r_sc, r_ss, u_sn, u_sc, u_ss,
+    HAS_RES: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr,
+):
+    """(count, mean, M2) of group (n, g) over positions [s_lo, s_hi); writes SUM = x + r."""
+    cnt = tl.zeros([], tl.float32)
+    mean = tl.zeros([], tl.float32)
+    m2 = tl.zeros([], tl.float32)
+    for c0 in range(0, Cg, BLOCK_C):
+        cc = c0 + tl.arange(0, BLOCK_C)
+        cmask = cc < Cg
+        ch = g * Cg + cc
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            ss = s0 + tl.arange(0, BLOCK_S)
+            mask = cmask[:, None] & (ss < s_hi)[None, :]
+            v = tl.load(X + _offsets(n, ch, ss, x_sn, x_sc, x_ss, INT64), mask=mask, other=0.0)
+            v = v.to(tl.float32)
+            if HAS_RES:
+                r = tl.load(R + _offsets(n, ch, ss, r_sn, r_sc, r_ss, INT64), mask=mask, other=0.0)
+                # the op normalizes the sum rounded to x's dtype
+                sv = (v + r.to(tl.float32)).to(SUM.dtype.element_ty)
+                tl.store(SUM + _offsets(n, ch, ss, u_sn, u_sc, u_ss, INT64), sv, mask=mask)
+                v = sv.to(tl.float32)
+            nt = (tl.minimum(Cg - c0, BLOCK_C) * tl.minimum(s_hi - s0, BLOCK_S)).to(tl.float32)
+            tmean = tl.sum(v) / nt
+            d = tl.where(mask, v - tmean, 0.0)
+            tm2 = tl.sum(d * d)
+            tot = cnt + nt
+            delta = tmean - mean
+            mean = mean + delta * (nt / tot)
+            m2 = m2 + tm2 + delta * delta * (cnt * nt / tot)
+            cnt = tot
+    return cnt, mean, m2
+
+
+@triton.jit
+def _fwd_norm_chunk(
+    XS, W, B, Y, n, g, s_lo, s_hi, Cg, mean, rstd,
+    s_sn, s_sc, s_ss, y_sn, y_sc, y_ss,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr,
+):
+    """Y = act((XS - mean) * rstd * w + b) over positions [s_lo, s_hi) of group (n, g)."""
+    for c0 in range(0, Cg, BLOCK_C):
+        cc = c0 + tl.arange(0, BLOCK_C)
+        cmask = cc < Cg
+        ch = g * Cg + cc
+        if HAS_W:
+            a = tl.load(W + ch, mask=cmask, other=0.0).to(tl.float32) * rstd
+        else:
+            a = tl.zeros([BLOCK_C], tl.float32) + rstd
+        if HAS_B:
+            b = tl.load(B + ch, mask=cmask, other=0.0).to(tl.float32)
+        else:
+            b = tl.zeros([BLOCK_C], tl.float32)
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            ss = s0 + tl.arange(0, BLOCK_S)
+            mask = cmask[:, None] & (ss < s_hi)[None, :]
+            v = tl.load(XS + _offsets(n, ch, ss, s_sn, s_sc, s_ss, INT64), mask=mask, other=0.0)
+            z = (v.to(tl.float32) - mean) * a[:, None] + b[:, None]
+            y = _act(z, ACT)
+            tl.store(Y + _offsets(n, ch, ss, y_sn, y_sc, y_ss, INT64), y.to(Y.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def _gn_fwd_fused(
+    X,      # (N, C, S) input, strides x_*
+    R,      # (N, C, S) residual, strides r_* (unused without HAS_RES)
+    SUM,    # (N, C, S) out: x + residual in x's dtype, strides u_* (unused without HAS_RES)
+    W,      # (C,) weight, fp32 or x's dtype (unused without HAS_W)
+    B,      # (C,) bias (unused without HAS_B)
+    Y,      # (N, C, S) out, x's dtype, strides y_*
+    MEAN,   # (N * G,) out fp32
+    RSTD,   # (N * G,) out fp32
+    NG, G, Cg, S, eps, ITEMS,
+    x_sn, x_sc, x_ss, r_sn, r_sc, r_ss, u_sn, u_sc, u_ss, y_sn, y_sc, y_ss,
+    HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr,
+):
+    """SPLIT == 1: each program normalizes ITEMS whole groups (statistics pass, then the
+    normalize pass, which re-reads the group, mostly from L2)."""
+    pid = tl.program_id(0)
+    for it in range(ITEMS):
+        grp = pid * ITEMS + it
+        if grp < NG:
+            n = grp // G
+            g = grp % G
+            cnt, mean, m2 = _fwd_stats_chunk(
+                X, R, SUM, n, g, 0, S, Cg, x_sn, x_sc, x_ss, r_sn, r_sc, r_ss, u_sn, u_sc, u_ss,
+                HAS_RES, BLOCK_C, BLOCK_S, INT64)
+            rstd = 1.0 / tl.sqrt_rn(m2 / cnt + eps)
+            tl.store(MEAN + grp, mean)
+            tl.store(RSTD + grp, rstd)
+            if HAS_RES:
+                # SUM was written by this program; make it visible to all its threads
+                tl.debug_barrier()
+                _fwd_norm_chunk(SUM, W, B, Y, n, g, 0, S, Cg, mean, rstd,
+                                u_sn, u_sc, u_ss, y_sn, y_sc, y_ss,
+                                HAS_W, HAS_B, ACT, BLOCK_C, BLOCK_S, INT64)
+            else:
+                _fwd_norm_chunk(X, W, B, Y, n, g, 0, S, Cg, mean, rstd,
+                                x_sn, x_sc, x_ss, y_sn, y_sc, y_ss,
+                                HAS_W, HAS_B, ACT, BLOCK_C, BLOCK_S, INT64)
+
+
+@triton.jit
+def _gn_fwd_stats(
+    X,      # (N, C, S) input, strides x_*
+    R,      # (N, C, S) residual (unused without HAS_RES)
+    SUM,    # (N, C, S) out: x + residual in x's dtype (unused without HAS_RES)
+    PART,   # (N * G * SPLIT, 3) out fp32: (count, mean, M2) of each work item
+    NG, G, Cg, S, S_CHUNK, SPLIT, ITEMS,
+    x_sn, x_sc, x_ss, r_sn, r_sc, r_ss, u_sn, u_sc, u_ss,
+    HAS_RES: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr,
+):
+    """Split path, stage 1: partial statistics of each (group, chunk) work item."""
+    pid = tl.program_id(0)
+    for it in range(ITEMS):
+        w = pid * ITEMS + it
+        if w < NG * SPLIT:
+            grp = w // SPLIT
+            s_lo = (w % SPLIT) * S_CHUNK
+            s_hi = tl.minimum(s_lo + S_CHUNK, S)
+            cnt, mean, m2 = _fwd_stats_chunk(
+                X, R, SUM, grp // G, grp % G, s_lo, s_hi, Cg,
+                x_sn, x_sc, x_ss, r_sn, r_sc, r_ss, u_sn, u_sc, u_ss,
+                HAS_RES, BLOCK_C, BLOCK_S, INT64)
+            tl.store(PART + w * 3 + 0, cnt)
+            tl.store(PART + w * 3 + 1, mean)
+            tl.store(PART + w * 3 + 2, m2)
+
+
+@triton.jit
+def _gn_fwd_norm(
+    XS,     # (N, C, S) normalized input: x, or SUM of stage 1; strides s_*
+    W,      # (C,) weight (unused without HAS_W)
+    B,      # (C,) bias (unused without HAS_B)
+    Y,      # (N, C, S) out, strides y_*
+    PART,   # (N * G * SPLIT, 3) fp32 partial statistics of stage 1
+    MEAN,   # (N * G,) out fp32
+    RSTD,   # (N * G,) out fp32
+    NG, G, Cg, S, S_CHUNK, SPLIT, ITEMS, eps,
+    s_sn, s_sc, s_ss, y_sn, y_sc, y_ss,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_SPLIT: tl.constexpr, INT64: tl.constexpr,
+):
+    """Split path, stage 2: merge the group's SPLIT partials (same order in every program),
+    then normalize this work item's chunk; chunk 0 stores mean/rstd."""
+    pid = tl.program_id(0)
+    for it in range(ITEMS):
+        w = pid * ITEMS + it
+        if w < NG * SPLIT:
+            grp = w // SPLIT
+            sp = w % SPLIT
+            mean, var = _merge_partials(PART, grp * SPLIT * 3, SPLIT, BLOCK_SPLIT)
+            rstd = 1.0 / tl.sqrt_rn(var + eps)
+            if sp == 0:
+                tl.store(MEAN + grp, mean)
+                tl.store(RSTD + grp, rstd)
+            s_lo = sp * S_CHUNK
+            s_hi = tl.minimum(s_lo + S_CHUNK, S)
+            _fwd_norm_chunk(XS, W, B, Y, grp // G, grp % G, s_lo, s_hi, Cg, mean, rstd,
+                            s_sn, s_sc, s_ss, y_sn, y_sc, y_ss,
+                            HAS_W, HAS_B, ACT, BLOCK_C, BLOCK_S, INT64)
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _bwd_chunk_sums(
+    DY, XS, W, B, DWP, DBP, prow, n, g, s_lo, s_hi, Cg, C, mean, rstd,
+    dy_sn, dy_sc, dy_ss, xs_sn, xs_sc, xs_ss,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr,
+):
+    """Per-channel sums of dz * xhat and dz over [s_lo, s_hi) -> DWP/DBP[prow, channels of g];
+    returns this chunk's sum(dxhat * xhat) and sum(dxhat) for the group."""
+    t_w = tl.zeros([], tl.float32)
+    t_b = tl.zeros([], tl.float32)
+    for c0 in range(0, Cg, BLOCK_C):
+        cc = c0 + tl.arange(0, BLOCK_C)
+        cmask = cc < Cg
+        ch = g * Cg + cc
+        if HAS_W:
+            wv = tl.load(W + ch, mask=cmask, other=0.0).to(tl.float32)
+        else:
+            wv = tl.where(cmask, 1.0, 0.0)
+        if HAS_B:
+            bv = tl.load(B + ch, mask=cmask, other=0.0).to(tl.float32)
+        else:
+            bv = tl.zeros([BLOCK_C], tl.float32)
+        acc_w = tl.zeros([BLOCK_C], tl.float32)
+        acc_b = tl.zeros([BLOCK_C], tl.float32)
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            ss = s0 + tl.arange(0, BLOCK_S)
+            mask = cmask[:, None] & (ss < s_hi)[None, :]
+            x = tl.load(XS + _offsets(n, ch, ss, xs_sn, xs_sc, xs_ss, INT64), mask=mask, other=0.0)
+            dy = tl.load(DY + _offsets(n, ch, ss, dy_sn, dy_sc, dy_ss, INT64), mask=mask, other=0.0)
+            xhat = (x.to(tl.float32) - mean) * rstd
+            dz = dy.to(tl.float32)
+            if ACT != 0:
+                dz = dz * _act_grad(xhat * wv[:, None] + bv[:, None], ACT)
+            dz = tl.where(mask, dz, 0.0)
+            acc_b += tl.sum(dz, axis=1)
+            acc_w += tl.sum(dz * tl.where(mask, xhat, 0.0), axis=1)
+        row = prow.to(tl.int64) * C + ch
+        tl.store(DWP + row, acc_w, mask=cmask)
+        tl.store(DBP + row, acc_b, mask=cmask)
+        t_w += tl.sum(acc_w * wv, axis=0)
+        t_b += tl.sum(acc_b * wv, axis=0)
+    return t_w, t_b
+
+
+@triton.jit
+def _bwd_dx_chunk(
+    DY, XS, W, B, DSUM, DX, n, g, s_lo, s_hi, Cg, mean, rstd, c1, c2,
+    dy_sn, dy_sc, dy_ss, xs_sn, xs_sc, xs_ss, ds_sn, ds_sc, ds_ss, dx_sn, dx_sc, dx_ss,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_DSUM: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr,
+):
+    """DX = rstd * (dxhat - c1 - xhat * c2) (+ DSUM) over [s_lo, s_hi) of group (n, g)."""
+    for c0 in range(0, Cg, BLOCK_C):
+        cc = c0 + tl.arange(0, BLOCK_C)
+        cmask = cc < Cg
+        ch = g * Cg + cc
+        if HAS_W:
+            wv = tl.load(W + ch, mask=cmask, other=0.0).to(tl.float32)
+        else:
+            wv = tl.zeros([BLOCK_C], tl.float32) + 1.0
+        if HAS_B:
+            bv = tl.load(B + ch, mask=cmask, other=0.0).to(tl.float32)
+        else:
+            bv = tl.zeros([BLOCK_C], tl.float32)
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            ss = s0 + tl.arange(0, BLOCK_S)
+            mask = cmask[:, None] & (ss < s_hi)[None, :]
+            x = tl.load(XS + _offsets(n, ch, ss, xs_sn, xs_sc, xs_ss, INT64), mask=mask, other=0.0)
+            dy = tl.load(DY + _offsets(n, ch, ss, dy_sn, dy_sc, dy_ss, INT64), mask=mask, other=0.0)
+            xhat = (x.to(tl.float32) - mean) * rstd
+            dz = dy.to(tl.float32)
+            if ACT != 0:
+                dz = dz * _act_grad(xhat * wv[:, None] + bv[:, None], ACT)
+            dx = (dz * wv[:, None] - c1 - xhat * c2) * rstd
+            if HAS_DSUM:
+                ds = tl.load(DSUM + _offsets(n, ch, ss, ds_sn, ds_sc, ds_ss, INT64), mask=mask, other=0.0)
+                dx += ds.to(tl.float32)
+            tl.store(DX + _offsets(n, ch, ss, dx_sn, dx_sc, dx_ss, INT64), dx.to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gn_bwd_fused(
+    DY,     # (N, C, S) upstream gradient of y, strides dy_*
+    XS,     # (N, C, S) normalized input (x, or x + residual), strides xs_*
+    W,      # (C,) weight (unused without HAS_W)
+    B,      # (C,) bias (unused without HAS_B; needed only with an activation)
+    MEAN,   # (N * G,) fp32
+    RSTD,   # (N * G,) fp32
+    DSUM,   # (N, C, S) gradient of the returned sum, strides ds_* (unused without HAS_DSUM)
+    DX,     # (N, C, S) out, strides dx_*
+    DWP,    # (N, C) out fp32: per-(sample, channel) sum of dz * xhat (SPLIT == 1)
+    DBP,    # (N, C) out fp32: per-(sample, channel) sum of dz
+    NG, G, Cg, C, S, inv_D, ITEMS,  # inv_D = 1 / (Cg * S)
+    dy_sn, dy_sc, dy_ss, xs_sn, xs_sc, xs_ss, ds_sn, ds_sc, ds_ss, dx_sn, dx_sc, dx_ss,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_DSUM: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr,
+):
+    """SPLIT == 1: each program handles ITEMS whole groups: sums pass, then the dx pass."""
+    pid = tl.program_id(0)
+    for it in range(ITEMS):
+        grp = pid * ITEMS + it
+        if grp < NG:
+            n = grp // G
+            g = grp % G
+            mean = tl.load(MEAN + grp).to(tl.float32)
+            rstd = tl.load(RSTD + grp).to(tl.float32)
+            t_w, t_b = _bwd_chunk_sums(
+                DY, XS, W, B, DWP, DBP, n, n, g, 0, S, Cg, C, mean, rstd,
+                dy_sn, dy_sc, dy_ss, xs_sn, xs_sc, xs_ss,
+                HAS_W, HAS_B, ACT, BLOCK_C, BLOCK_S, INT64)
+            _bwd_dx_chunk(DY, XS, W, B, DSUM, DX, n, g, 0, S, Cg, mean, rstd, t_b * inv_D, t_w * inv_D,
+                          dy_sn, dy_sc, dy_ss, xs_sn, xs_sc, xs_ss, ds_sn, ds_sc, ds_ss, dx_sn, dx_sc, dx_ss,
+                          HAS_W, HAS_B, HAS_DSUM, ACT, BLOCK_C, BLOCK_S, INT64)
+
+
+@triton.jit
+def _gn_bwd_sums(
+    DY,     # (N, C, S) upstream gradient, strides dy_*
+    XS,     # (N, C, S) normalized input, strides xs_*
+    W,      # (C,) weight (unused without HAS_W)
+    B,      # (C,) bias (unused without HAS_B)
+    MEAN,   # (N * G,) fp32
+    RSTD,   # (N * G,) fp32
+    DWP,    # (N * SPLIT, C) out fp32: per-(sample, chunk, channel) sum of dz * xhat
+    DBP,    # (N * SPLIT, C) out fp32: per-(sample, chunk, channel) sum of dz
+    NG, G, Cg, C, S, S_CHUNK, SPLIT, ITEMS,
+    dy_sn, dy_sc, dy_ss, xs_sn, xs_sc, xs_ss,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr,
+):
+    """Split path, stage 1: per-channel partial sums of each (group, chunk) work item."""
+    pid = tl.program_id(0)
+    for it in range(ITEMS):
+        w = pid * ITEMS + it
+        if w < NG * SPLIT:
+            grp = w // SPLIT
+            sp = w % SPLIT
+            n = grp // G
+            mean = tl.load(MEAN + grp).to(tl.float32)
+            rstd = tl.load(RSTD + grp).to(tl.float32)
+            s_lo = sp * S_CHUNK
+            s_hi = tl.minimum(s_lo + S_CHUNK, S)
+            _bwd_chunk_sums(DY, XS, W, B, DWP, DBP, n * SPLIT + sp, n, grp % G, s_lo, s_hi, Cg, C,
+                            mean, rstd, dy_sn, dy_sc, dy_ss, xs_sn, xs_sc, xs_ss,
+                            HAS_W, HAS_B, ACT, BLOCK_C, BLOCK_S, INT64)
+
+
+@triton.jit
+def _gn_bwd_dx(
+    DY,     # (N, C, S) upstream gradient, strides dy_*
+    XS,     # (N, C, S) normalized input, strides xs_*
+    W,      # (C,) weight (unused without HAS_W)
+    B,      # (C,) bias (unused without HAS_B)
+    MEAN,   # (N * G,) fp32
+    RSTD,   # (N * G,) fp32
+    DSUM,   # (N, C, S) gradient of the returned sum (unused without HAS_DSUM)
+    DX,     # (N, C, S) out, strides dx_*
+    DWP,    # (N * SPLIT, C) fp32 partials of stage 1
+    DBP,    # (N * SPLIT, C) fp32 partials of stage 1
+    NG, G, Cg, C, S, S_CHUNK, SPLIT, ITEMS, inv_D,  # inv_D = 1 / (Cg * S)
+    dy_sn, dy_sc, dy_ss, xs_sn, xs_sc, xs_ss, ds_sn, ds_sc, ds_ss, dx_sn, dx_sc, dx_ss,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_DSUM: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_SPLIT: tl.constexpr, INT64: tl.constexpr,
+):
+    """Split path, stage 2: combine the group's partials (chunks in order, then channels in
+    order, identical in every program) into mean(dxhat), mean(dxhat * xhat); write dx."""
+    pid = tl.program_id(0)
+    for it in range(ITEMS):
+        w = pid * ITEMS + it
+        if w < NG * SPLIT:
+            grp = w // SPLIT
+            sp = w % SPLIT
+            n = grp // G
+            g = grp % G
+            mean = tl.load(MEAN + grp).to(tl.float32)
+            rstd = tl.load(RSTD + grp).to(tl.float32)
+            t_w = tl.zeros([], tl.float32)
+            t_b = tl.zeros([], tl.float32)
+            j = tl.arange(0, BLOCK_SPLIT)
+            jm = j < SPLIT
+            for c0 in range(0, Cg, BLOCK_C):
+                cc = c0 + tl.arange(0, BLOCK_C)
+                cmask = cc < Cg
+                ch = g * Cg + cc
+                if HAS_W:
+                    wv = tl.load(W + ch, mask=cmask, other=0.0).to(tl.float32)
+                else:
+                    wv = tl.where(cmask, 1.0, 0.0)
+                rows = (n * SPLIT + j).to(tl.int64)[:, None] * C + ch[None, :]
+                pm = jm[:, None] & cmask[None, :]
+                pw = tl.sum(tl.load(DWP + rows, mask=pm, other=0.0), axis=0)
+                pb = tl.sum(tl.load(DBP + rows, mask=pm, other=0.0), axis=0)
+                t_w += tl.sum(pw * wv, axis=0)
+                t_b += tl.sum(pb * wv, axis=0)
+            s_lo = sp * S_CHUNK
+            s_hi = tl.minimum(s_lo + S_CHUNK, S)
+            _bwd_dx_chunk(DY, XS, W, B, DSUM, DX, n, g, s_lo, s_hi, Cg, mean, rstd, t_b * inv_D, t_w * inv_D,
+                          dy_sn, dy_sc, dy_ss, xs_sn, xs_sc, xs_ss, ds_sn, ds_sc, ds_ss, dx_sn, dx_sc, dx_ss,
+                          HAS_W, HAS_B, HAS_DSUM, ACT, BLOCK_C, BLOCK_S, INT64)
+
+
+@triton.jit
+def _gn_bwd_dwdb(
+    DWP,    # (ROWS, C) fp32 partials: sum of dz * xhat per (sample, chunk, channel)
+    DBP,    # (ROWS, C) fp32 partials: sum of dz
+    DW,     # (C,) out, weight's dtype (unused without HAS_W)
+    DB,     # (C,) out, bias's dtype (unused without HAS_B)
+    ROWS, C,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """dW/dB: each program sums the ROWS partials of BLOCK_C channels in a fixed order."""
+    pid = tl.program_id(0)
+    ch = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = ch < C
+    acc_w = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+    acc_b = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+    for r0 in range(0, ROWS, BLOCK_R):
+        rr = r0 + tl.arange(0, BLOCK_R)
+        offs = rr.to(tl.int64)[:, None] * C + ch[None, :]
+        m = (rr < ROWS)[:, None] & cmask[None, :]
+        if HAS_W:
+            acc_w += tl.load(DWP + offs, mask=m, other=0.0)
+        if HAS_B:
+            acc_b += tl.load(DBP + offs, mask=m, other=0.0)
+    if HAS_W:
+        tl.store(DW + ch, tl.sum(acc_w, axis=0).to(DW.dtype.element_ty), mask=cmask)
+    if HAS_B:
+        tl.store(DB + ch, tl.sum(acc_b, axis=0).to(DB.dtype.element_ty), mask=cmask)

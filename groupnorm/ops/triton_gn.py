@@ -1,0 +1,308 @@
+"""The ``"triton"`` route: launcher of the Triton kernels in :mod:`._triton_kernels`.
+
+Importing this module registers the route (priority 20, above the CPU routes); when Triton
+is not installed the import fails with ModuleNotFoundError and the route is simply absent.
+
+The route takes CUDA tensors. With ``TRITON_INTERPRET=1`` in the environment it also takes
+CPU tensors and runs the very same kernels in Triton's interpreter: that is how the kernels
+are tested without a GPU. In normal use (variable unset) ``supports`` declines CPU tensors,
+so ``"auto"`` never picks this route for them.
+
+The kernels are defined lazily, at the first launch, because ``triton.jit`` decides at
+definition time whether a kernel is compiled or interpreted: a process (or a pytest worker)
+that imported ``groupnorm`` before setting ``TRITON_INTERPRET=1`` still gets interpreted
+kernels, and the kernel module is re-imported if the setting changed since it was loaded.
+
+The launch configuration is chosen by :func:`pick_config`, a plain function (no
+``@triton.autotune``, which needs a GPU); :func:`config_override` forces parts of it, so
+tests can exercise both the split-group path and the several-groups-per-program path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+import triton  # noqa: F401  (ModuleNotFoundError here: no Triton, no route)
+
+from .. import reference
+from .routes import register_route
+
+Tensor = torch.Tensor
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_ACT = {"none": 0, "silu": 1, "gelu": 2, "relu": 3}
+_KMOD = "groupnorm.ops._triton_kernels"
+# Elements per [BLOCK_C, BLOCK_S] tile (upper bound) and the warps that run it.
+TILE = 4096
+_INT32_MAX = 2**31 - 1
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _kernels():
+    """The kernel module, (re)defined for the current interpreter setting."""
+    mod = sys.modules.get(_KMOD)
+    if mod is None:
+        mod = importlib.import_module(_KMOD)
+    if mod.INTERPRET != interpreting():
+        mod = importlib.reload(mod)
+    return mod
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class Config:
+    """How a call is cut into programs (see the module docstring of ``_triton_kernels``)."""
+
+    split: int      # chunks per group (> 1: the split path, two kernels)
+    items: int      # work items (group or group chunk) per program
+    block_c: int    # channels per tile (power of 2)
+    block_s: int    # spatial positions per tile (power of 2)
+    s_chunk: int    # spatial positions per chunk (multiple of block_s)
+    num_warps: int
+
+    @property
+    def block_split(self) -> int:
+        return triton.next_power_of_2(self.split)
+
+
+_override: dict = {}
+
+
+@contextlib.contextmanager
+def config_override(**fields) -> Iterator[None]:
+    """Force fields of :func:`pick_config`'s answer (``split``, ``items``, ``tile``) in the block."""
+    global _override
+    bad = set(fields) - {"split", "items", "tile"}
+    if bad:
+        raise TypeError(f"config_override: unknown fields {sorted(bad)}")
+    prev, _override = _override, {**_override, **fields}
+    try:
+        yield
+    finally:
+        _override = prev
+
+
+_SMS: dict = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132  # interpreter: plan as for an H100
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SMS:
+        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SMS[idx]
+
+
+def pick_config(N: int, G: int, Cg: int, S: int, channel_contiguous: bool, num_sms: int,
+                split: Optional[int] = None, items: Optional[int] = None,
+                tile: Optional[int] = None) -> Config:
+    """The launch configuration of one call.
+
+    * Tile: up to ``tile`` elements; the contiguous axis gets the long side (all Cg channels
+      of a pixel for channels-last, a run of positions for NCHW).
+    * Few big groups (N*G below two waves of programs): each group is split along its
+      positions so that about 2 * #SMs programs run (never more chunks than tiles).
+    * Many small groups (one tile each, N*G above 4 programs per SM): several groups per
+      program, to amortize the per-program cost.
+    ``split``/``items``/``tile`` (or :func:`config_override`) force the choice.
+    """
+    split = _override.get("split", split)
+    items = _override.get("items", items)
+    tile = _override.get("tile", tile) or TILE
+    group = max(1, Cg * S)
+    tile = max(1, min(tile, triton.next_power_of_2(group)))
+    pc, ps = triton.next_power_of_2(max(Cg, 1)), triton.next_power_of_2(max(S, 1))
+    if channel_contiguous:
+        block_c = min(pc, tile)
+        block_s = max(1, min(ps, tile // block_c))
+    else:
+        block_s = min(ps, tile)
+        block_c = max(1, min(pc, tile // block_s))
+    NG = N * G
+    max_split = max(1, triton.cdiv(S, block_s))
+    if split is None:
+        split = triton.cdiv(2 * num_sms, NG) if NG < 2 * num_sms else 1
+    split = max(1, min(split, max_split))
+    s_chunk = triton.cdiv(triton.cdiv(max(S, 1), split), block_s) * block_s
+    split = triton.cdiv(max(S, 1), s_chunk)  # every chunk non-empty
+    if items is None:
+        items = 1
+        if split == 1 and group <= tile and NG > 4 * num_sms:
+            items = max(1, min(8, NG // (4 * num_sms)))
+    items = max(1, items)
+    elems = block_c * block_s
+    num_warps = 8 if elems >= 4096 else 4 if elems >= 1024 else 2 if elems >= 256 else 1
+    return Config(split, items, block_c, block_s, s_chunk, num_warps)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _ncs(t: Tensor, N: int, C: int, S: int) -> Tensor:
+    """``t`` as an (N, C, S) view (no copy) when its spatial dims merge into one stride;
+    a contiguous copy otherwise (only for exotic strided inputs)."""
+    try:
+        return t.view(N, C, S)
+    except RuntimeError:
+        return t.contiguous().view(N, C, S)
+
+
+def _strides(t: Optional[Tensor]) -> tuple[int, int, int]:
+    return tuple(t.stride()) if t is not None else (0, 0, 0)
+
+
+def _needs_int64(*ts: Optional[Tensor]) -> bool:
+    for t in ts:
+        if t is not None and sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) > _INT32_MAX:
+            return True
+    return False
+
+
+def _geometry(x: Tensor, G: int) -> tuple[int, int, int, int]:
+    N, C = x.shape[0], x.shape[1]
+    return N, C, C // G if G else 0, math.prod(x.shape[2:])
+
+
+# ----------------------------------------------------------------------------- the route
+
+
+def supports(x: Tensor, weight: Optional[Tensor], residual: Optional[Tensor], activation: str) -> Optional[str]:
+    if x.device.type != "cuda":
+        if not (x.device.type == "cpu" and interpreting()):
+            return "not a CUDA tensor (TRITON_INTERPRET=1 runs the kernels on CPU tensors, slowly, for tests)"
+    if x.dtype not in _DTYPES:
+        return f"{x.dtype} input (the Triton kernels take float32, float16 and bfloat16)"
+    if x.dim() < 2:
+        return "input with fewer than 2 dims"
+    if activation not in _ACT:
+        return f"activation {activation!r}"
+    for t in (weight, residual):
+        if t is not None and t.device != x.device:
+            return "tensors on different devices"
+    return None
+
+
+def forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
+            num_groups: int, eps: float, activation: str):
+    G = num_groups
+    N, C, Cg, S = _geometry(x, G)
+    fmt = reference.memory_format_of(x)
+    y = torch.empty_like(x, memory_format=fmt)
+    s = torch.empty_like(x, memory_format=fmt) if residual is not None else None
+    mean = torch.empty((N, G), dtype=torch.float32, device=x.device)
+    rstd = torch.empty((N, G), dtype=torch.float32, device=x.device)
+    if x.numel() == 0:
+        # nothing to launch; statistics of an empty group are NaN, as in the reference
+        mean.fill_(float("nan"))
+        rstd.fill_(float("nan"))
+        if s is not None:
+            s.copy_(x + residual)
+        return y, mean, rstd, s
+    K = _kernels()
+    xv = _ncs(x, N, C, S)
+    rv = _ncs(residual, N, C, S) if residual is not None else None
+    yv = y.view(N, C, S)
+    sv = s.view(N, C, S) if s is not None else None
+    cfg = pick_config(N, G, Cg, S, xv.stride(1) == 1 and S > 1, _num_sms(x.device))
+    int64 = _needs_int64(xv, rv, yv, sv)
+    NG = N * G
+    w = weight if weight is not None else xv
+    b = bias if bias is not None else xv
+    common = dict(HAS_W=weight is not None, HAS_B=bias is not None, ACT=_ACT[activation],
+                  BLOCK_C=cfg.block_c, BLOCK_S=cfg.block_s, INT64=int64, num_warps=cfg.num_warps)
+    if cfg.split == 1:
+        grid = (triton.cdiv(NG, cfg.items),)
+        K._gn_fwd_fused[grid](
+            xv, rv if rv is not None else xv, sv if sv is not None else xv, w, b, yv, mean, rstd,
+            NG, G, Cg, S, float(eps), cfg.items,
+            *_strides(xv), *_strides(rv), *_strides(sv), *_strides(yv),
+            HAS_RES=residual is not None, **common)
+    else:
+        part = torch.empty((NG * cfg.split, 3), dtype=torch.float32, device=x.device)
+        grid = (triton.cdiv(NG * cfg.split, cfg.items),)
+        K._gn_fwd_stats[grid](
+            xv, rv if rv is not None else xv, sv if sv is not None else xv, part,
+            NG, G, Cg, S, cfg.s_chunk, cfg.split, cfg.items,
+            *_strides(xv), *_strides(rv), *_strides(sv),
+            HAS_RES=residual is not None, BLOCK_C=cfg.block_c, BLOCK_S=cfg.block_s, INT64=int64,
+            num_warps=cfg.num_warps)
+        src = sv if sv is not None else xv
+        K._gn_fwd_norm[grid](
+            src, w, b, yv, part, mean, rstd,
+            NG, G, Cg, S, cfg.s_chunk, cfg.split, cfg.items, float(eps),
+            *_strides(src), *_strides(yv),
+            BLOCK_SPLIT=cfg.block_split, **common)
+    return y, mean, rstd, s
+
+
+def backward(dy: Tensor, dsum: Optional[Tensor], xs: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+             mean: Tensor, rstd: Tensor, num_groups: int, activation: str):
+    G = num_groups
+    N, C, Cg, S = _geometry(xs, G)
+    dx = torch.empty_like(xs, memory_format=reference.memory_format_of(xs))
+    dw = torch.zeros_like(weight) if weight is not None else None
+    db = torch.zeros_like(bias) if bias is not None else None
+    if xs.numel() == 0:
+        # empty sums: zero dW/dB, empty dx
+        return dx, dw, db
+    K = _kernels()
+    dyv = _ncs(dy, N, C, S)
+    xsv = _ncs(xs, N, C, S)
+    dsv = _ncs(dsum, N, C, S) if dsum is not None else None
+    dxv = dx.view(N, C, S)
+    mean = mean.reshape(-1).to(torch.float32).contiguous()
+    rstd = rstd.reshape(-1).to(torch.float32).contiguous()
+    cfg = pick_config(N, G, Cg, S, xsv.stride(1) == 1 and S > 1, _num_sms(xs.device))
+    int64 = _needs_int64(dyv, xsv, dsv, dxv)
+    NG = N * G
+    w = weight if weight is not None else xsv
+    b = bias if bias is not None else xsv
+    rows = N * cfg.split
+    dwp = torch.empty((rows, C), dtype=torch.float32, device=xs.device)
+    dbp = torch.empty((rows, C), dtype=torch.float32, device=xs.device)
+    common = dict(HAS_W=weight is not None, HAS_B=bias is not None, ACT=_ACT[activation],
+                  BLOCK_C=cfg.block_c, BLOCK_S=cfg.block_s, INT64=int64, num_warps=cfg.num_warps)
+    strides_dx = (*_strides(dyv), *_strides(xsv), *_strides(dsv), *_strides(dxv))
+    ds = dsv if dsv is not None else xsv
+    inv_d = 1.0 / (Cg * S)
+    if cfg.split == 1:
+        grid = (triton.cdiv(NG, cfg.items),)
+        K._gn_bwd_fused[grid](
+            dyv, xsv, w, b, mean, rstd, ds, dxv, dwp, dbp,
+            NG, G, Cg, C, S, inv_d, cfg.items, *strides_dx,
+            HAS_DSUM=dsum is not None, **common)
+    else:
+        grid = (triton.cdiv(NG * cfg.split, cfg.items),)
+        K._gn_bwd_sums[grid](
+            dyv, xsv, w, b, mean, rstd, dwp, dbp,
+            NG, G, Cg, C, S, cfg.s_chunk, cfg.split, cfg.items,
+            *_strides(dyv), *_strides(xsv), **common)
+        K._gn_bwd_dx[grid](
+            dyv, xsv, w, b, mean, rstd, ds, dxv, dwp, dbp,
+            NG, G, Cg, C, S, cfg.s_chunk, cfg.split, cfg.items, inv_d, *strides_dx,
+            HAS_DSUM=dsum is not None, BLOCK_SPLIT=cfg.block_split, **common)
+    if weight is not None or bias is not None:
+        block_c = min(triton.next_power_of_2(C), 64)
+        block_r = min(triton.next_power_of_2(rows), 32)
+        K._gn_bwd_dwdb[(triton.cdiv(C, block_c),)](
+            dwp, dbp, dw if dw is not None else dwp, db if db is not None else dbp, rows, C,
+            HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_R=block_r, BLOCK_C=block_c,
+            num_warps=4)
+    return dx, dw, db
+
+
+register_route("triton", forward, backward, supports, priority=20)
