@@ -1,0 +1,185 @@
+// Shared helpers of the groupnorm CPU kernels (see docs/cpu.md for the design).
+//
+// Every kernel reads its inputs as x's storage type T (float, double, BFloat16, Half) and
+// does all math in acc_t = float (double for double) with ATen's Vectorized<acc_t>, which
+// this translation unit is compiled for ONE CPU capability (-DCPU_CAPABILITY_AVX512 etc.,
+// chosen at run time by groupnorm/ops/cpu.py from torch.backends.cpu.get_cpu_capability()).
+//
+// Determinism: every reduction has a fixed order that depends on the shape only (never on
+// the number of threads or on timing): vector lanes are summed in lane order, blocks are
+// combined in block order, per-thread work items write their own partial slots.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/cpu/vec/functional.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+namespace gn {
+
+using at::vec::Vectorized;
+using c10::BFloat16;
+using c10::Half;
+
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+
+enum Act : int { kNone = 0, kSilu = 1, kGelu = 2, kRelu = 3 };
+
+// ---- loads / stores of kV = Vectorized<acc>::size() elements, converting to/from acc ----
+template <typename T> struct IO;
+
+template <> struct IO<float> {
+  using V = Vectorized<float>;
+  static inline V load(const float* p) { return V::loadu(p); }
+  static inline void store(float* p, const V& v) { v.store(p); }
+};
+
+template <> struct IO<double> {
+  using V = Vectorized<double>;
+  static inline V load(const double* p) { return V::loadu(p); }
+  static inline void store(double* p, const V& v) { v.store(p); }
+};
+
+template <> struct IO<BFloat16> {
+  using V = Vectorized<float>;
+  static inline V load(const BFloat16* p) {
+    V v;
+    at::vec::load_fp32_from_bf16(p, v);
+    return v;
+  }
+  static inline void store(BFloat16* p, const V& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), at::vec::cvtfp32_bf16(__m512(v)));
+#else
+    alignas(64) float tmp[V::size()];
+    v.store(tmp);
+    for (int i = 0; i < V::size(); i++) p[i] = BFloat16(tmp[i]);  // round to nearest even
+#endif
+  }
+};
+
+template <> struct IO<Half> {
+  using V = Vectorized<float>;
+  static inline V load(const Half* p) {
+    V v;
+    at::vec::load_fp32_from_fp16(p, v);
+    return v;
+  }
+  static inline void store(Half* p, const V& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), at::vec::cvtfp32_fp16(__m512(v)));
+#else
+    alignas(64) float tmp[V::size()];
+    v.store(tmp);
+    for (int i = 0; i < V::size(); i++) p[i] = Half(tmp[i]);
+#endif
+  }
+};
+
+// Partial (tail) versions: n < kV elements; lanes >= n read as 0 and are not written.
+template <typename T>
+inline typename IO<T>::V load_n(const T* p, int64_t n) {
+  T tmp[IO<T>::V::size()];
+  for (int64_t i = 0; i < IO<T>::V::size(); i++) tmp[i] = i < n ? p[i] : T(0);
+  return IO<T>::load(tmp);
+}
+template <typename T>
+inline void store_n(T* p, const typename IO<T>::V& v, int64_t n) {
+  T tmp[IO<T>::V::size()];
+  IO<T>::store(tmp, v);
+  for (int64_t i = 0; i < n; i++) p[i] = tmp[i];
+}
+
+// Keep lanes < n of v, zero the others (so that a tail adds nothing to a sum).
+template <typename V>
+inline V keep_n(const V& v, int64_t n) {
+  return V::set(V(0), v, n);
+}
+
+// Fixed-order horizontal sum (lane 0 first).
+template <typename V>
+inline typename V::value_type hsum(const V& v) {
+  alignas(64) typename V::value_type tmp[V::size()];
+  v.store(tmp);
+  typename V::value_type s = 0;
+  for (int i = 0; i < V::size(); i++) s += tmp[i];
+  return s;
+}
+
+// ---- activations (acc precision). gelu is the exact erf form. ----
+template <int ACT, typename V>
+inline V act_fwd(const V& z) {
+  using S = typename V::value_type;
+  if constexpr (ACT == kSilu) {
+    return z / (V(S(1)) + z.neg().exp());
+  } else if constexpr (ACT == kGelu) {
+    return z * V(S(0.5)) * (V(S(1)) + (z * V(S(M_SQRT1_2))).erf());
+  } else if constexpr (ACT == kRelu) {
+    return at::vec::maximum(z, V(S(0)));  // NaN-propagating, like torch.relu
+  } else {
+    return z;
+  }
+}
+
+// d act(z) / dz, exactly as groupnorm.reference._act_grad
+template <int ACT, typename V>
+inline V act_grad(const V& z) {
+  using S = typename V::value_type;
+  if constexpr (ACT == kSilu) {
+    V sig = V(S(1)) / (V(S(1)) + z.neg().exp());
+    return sig * (V(S(1)) + z * (V(S(1)) - sig));
+  } else if constexpr (ACT == kGelu) {
+    V cdf = V(S(0.5)) * (V(S(1)) + (z * V(S(M_SQRT1_2))).erf());
+    V pdf = (z * z * V(S(-0.5))).exp() * V(S(0.3989422804014327));  // 1/sqrt(2 pi)
+    return cdf + z * pdf;
+  } else if constexpr (ACT == kRelu) {
+    return (z > V(S(0))) & V(S(1));  // NaN > 0 is false -> 0, as the reference
+  } else {
+    return V(S(1));
+  }
+}
+
+// Chan et al. combination of (count, mean, M2) summaries, in a fixed order.
+template <typename S>
+inline void chan_combine(double& n_a, S& mean_a, S& m2_a, double n_b, S mean_b, S m2_b) {
+  if (n_b == 0) return;
+  if (n_a == 0) {
+    n_a = n_b; mean_a = mean_b; m2_a = m2_b;
+    return;
+  }
+  double n = n_a + n_b;
+  S delta = mean_b - mean_a;
+  S fb = S(n_b / n);
+  mean_a = mean_a + delta * fb;
+  m2_a = m2_a + m2_b + delta * delta * S(n_a * n_b / n);
+  n_a = n;
+}
+
+// Number of pixel blocks per sample for the channels-last kernels: a function of the shape
+// only (so the reduction order never depends on the thread count), enough work items for
+// 2-16 threads, and few enough partial sums to cost no memory worth mentioning.
+inline int64_t cl_blocks(int64_t N, int64_t P) {
+  int64_t want = N >= 16 ? 1 : (16 + N - 1) / N;
+  return std::max<int64_t>(1, std::min<int64_t>(want, P));
+}
+
+}  // namespace gn
+
+// entry points (defined in group_norm_cpu_fwd.cpp / group_norm_cpu_bwd.cpp)
+void gn_forward(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual,
+                int64_t G, double eps, int64_t act, bool channels_last, const at::Tensor& y,
+                const at::Tensor& mean, const at::Tensor& rstd, const c10::optional<at::Tensor>& sum_out);
+
+void gn_backward(const at::Tensor& dy, const c10::optional<at::Tensor>& dsum, const at::Tensor& xs,
+                 const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                 const at::Tensor& mean, const at::Tensor& rstd, int64_t G, int64_t act,
+                 bool channels_last, const at::Tensor& dx, const c10::optional<at::Tensor>& dw,
+                 const c10::optional<at::Tensor>& db);

@@ -1,0 +1,318 @@
+// GroupNorm backward CPU kernels: contiguous (NC*) and channels-last (N*C) layouts.
+//
+// Two passes over (x, dy): pass 1 reduces, per (n, c), A = sum dz and B = sum dz * xhat
+// (dz = dy * act'(z), z recomputed from x); then per (n, g) c1 = sum_c w_c A / D and
+// c2 = sum_c w_c B / D, dweight = sum_n B, dbias = sum_n A (fixed order over n);
+// pass 2 writes dx = rstd * (dz * w - c1 - xhat * c2) (+ dsum).
+// xhat is always formed as (x - mean) * rstd, so a large mean costs no precision.
+#include "group_norm_cpu.h"
+
+#include <vector>
+
+namespace gn {
+namespace {
+
+template <typename T>
+using AccT = typename Acc<T>::type;
+
+// ---------------------------------------------------------------- contiguous (N, C, *)
+template <typename T, int ACT>
+void bwd_nchw(const T* dy, const T* dsum, const T* x, const AccT<T>* w, const AccT<T>* b,
+              const AccT<T>* mean, const AccT<T>* rstd, T* dx, AccT<T>* A, AccT<T>* B,
+              int64_t N, int64_t C, int64_t HW, int64_t G) {
+  using S = AccT<T>;
+  using V = typename IO<T>::V;
+  constexpr int64_t kV = V::size();
+  const int64_t Cg = C / G, D = Cg * HW;
+  at::parallel_for(0, N * G, 1, [&](int64_t beg, int64_t end) {
+    for (int64_t ng = beg; ng < end; ng++) {
+      const int64_t n = ng / G, g = ng % G;
+      const S m = mean[ng], rs = rstd[ng];
+      const V vm(m), vr(rs);
+      S c1 = 0, c2 = 0;
+      for (int64_t ci = 0; ci < Cg; ci++) {
+        const int64_t c = g * Cg + ci;
+        const S wc = w ? w[c] : S(1), bc = b ? b[c] : S(0);
+        const V vw(wc), vb(bc);
+        const T* xr = x + ng * D + ci * HW;
+        const T* dyr = dy + ng * D + ci * HW;
+        V a0(0), a1(0), q0(0), q1(0);
+        int64_t i = 0;
+        auto dz_of = [&](const V& xh, const V& d) {
+          if constexpr (ACT == kNone) return d;
+          else return d * act_grad<ACT>(at::vec::fmadd(xh, vw, vb));
+        };
+        for (; i + 2 * kV <= HW; i += 2 * kV) {
+          V xh0 = (IO<T>::load(xr + i) - vm) * vr, xh1 = (IO<T>::load(xr + i + kV) - vm) * vr;
+          V dz0 = dz_of(xh0, IO<T>::load(dyr + i)), dz1 = dz_of(xh1, IO<T>::load(dyr + i + kV));
+          a0 += dz0;
+          a1 += dz1;
+          q0 = at::vec::fmadd(dz0, xh0, q0);
+          q1 = at::vec::fmadd(dz1, xh1, q1);
+        }
+        for (; i + kV <= HW; i += kV) {
+          V xh = (IO<T>::load(xr + i) - vm) * vr;
+          V dz = dz_of(xh, IO<T>::load(dyr + i));
+          a0 += dz;
+          q0 = at::vec::fmadd(dz, xh, q0);
+        }
+        if (i < HW) {
+          const int64_t k = HW - i;
+          V xh = keep_n((load_n(xr + i, k) - vm) * vr, k);
+          V dz = keep_n(dz_of(xh, load_n(dyr + i, k)), k);
+          a1 += dz;
+          q1 = at::vec::fmadd(dz, xh, q1);
+        }
+        A[n * C + c] = hsum(a0 + a1);
+        B[n * C + c] = hsum(q0 + q1);
+        c1 += wc * A[n * C + c];
+        c2 += wc * B[n * C + c];
+      }
+      c1 /= S(D);
+      c2 /= S(D);
+      const V k1(-rs * c1), k2(-rs * c2);
+      for (int64_t ci = 0; ci < Cg; ci++) {
+        const int64_t c = g * Cg + ci;
+        const S wc = w ? w[c] : S(1), bc = b ? b[c] : S(0);
+        const V vw(wc), vb(bc), aw(rs * wc);
+        const int64_t off = ng * D + ci * HW;
+        const T* xr = x + off;
+        const T* dyr = dy + off;
+        T* dxr = dx + off;
+        auto dx_of = [&](const V& xv, const V& d) {
+          V xh = (xv - vm) * vr;
+          V dz = d;
+          if constexpr (ACT != kNone) dz = d * act_grad<ACT>(at::vec::fmadd(xh, vw, vb));
+          return at::vec::fmadd(k2, xh, at::vec::fmadd(dz, aw, k1));
+        };
+        int64_t i = 0;
+        for (; i + kV <= HW; i += kV) {
+          V r = dx_of(IO<T>::load(xr + i), IO<T>::load(dyr + i));
+          if (dsum) r = r + IO<T>::load(dsum + off + i);
+          IO<T>::store(dxr + i, r);
+        }
+        if (i < HW) {
+          const int64_t k = HW - i;
+          V r = dx_of(load_n(xr + i, k), load_n(dyr + i, k));
+          if (dsum) r = r + load_n(dsum + off + i, k);
+          store_n(dxr + i, r, k);
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------- channels-last (N, *, C)
+template <typename T, int ACT>
+void bwd_cl(const T* dy, const T* dsum, const T* x, const AccT<T>* w, const AccT<T>* b,
+            const AccT<T>* mean, const AccT<T>* rstd, T* dx, AccT<T>* A, AccT<T>* B,
+            int64_t N, int64_t C, int64_t P, int64_t G) {
+  using S = AccT<T>;
+  using V = typename IO<T>::V;
+  constexpr int64_t kV = V::size();
+  const int64_t Cg = C / G, D = Cg * P;
+  const int64_t nblk = cl_blocks(N, P);
+  std::vector<S> PA(N * nblk * C), PB(N * nblk * C);
+
+  auto fill_channel = [&](int64_t n, S* mc, S* rc, S* wc, S* bc) {
+    for (int64_t c = 0; c < C; c++) {
+      mc[c] = mean[n * G + c / Cg];
+      rc[c] = rstd[n * G + c / Cg];
+      wc[c] = w ? w[c] : S(1);
+      bc[c] = b ? b[c] : S(0);
+    }
+  };
+
+  // pass 1: per (n, pixel block, c) partial sums of dz and dz * xhat
+  at::parallel_for(0, N * nblk, 1, [&](int64_t beg, int64_t end) {
+    std::vector<S> mc(C), rc(C), wc(C), bc(C);
+    int64_t cur_n = -1;
+    for (int64_t t = beg; t < end; t++) {
+      const int64_t n = t / nblk, bi = t % nblk;
+      if (n != cur_n) {
+        cur_n = n;
+        fill_channel(n, mc.data(), rc.data(), wc.data(), bc.data());
+      }
+      S* sa = &PA[t * C];
+      S* sb = &PB[t * C];
+      const int64_t p0 = P * bi / nblk, p1 = P * (bi + 1) / nblk;
+      for (int64_t p = p0; p < p1; p++) {
+        const T* xr = x + (n * P + p) * C;
+        const T* dyr = dy + (n * P + p) * C;
+        int64_t c = 0;
+        for (; c + kV <= C; c += kV) {
+          V xh = (IO<T>::load(xr + c) - V::loadu(&mc[c])) * V::loadu(&rc[c]);
+          V dz = IO<T>::load(dyr + c);
+          if constexpr (ACT != kNone)
+            dz = dz * act_grad<ACT>(at::vec::fmadd(xh, V::loadu(&wc[c]), V::loadu(&bc[c])));
+          (V::loadu(sa + c) + dz).store(sa + c);
+          at::vec::fmadd(dz, xh, V::loadu(sb + c)).store(sb + c);
+        }
+        if (c < C) {
+          const int64_t k = C - c;
+          V xh = keep_n((load_n(xr + c, k) - V::loadu(&mc[c], k)) * V::loadu(&rc[c], k), k);
+          V dz = load_n(dyr + c, k);
+          if constexpr (ACT != kNone)
+            dz = dz * act_grad<ACT>(at::vec::fmadd(xh, V::loadu(&wc[c], k), V::loadu(&bc[c], k)));
+          dz = keep_n(dz, k);
+          (V::loadu(sa + c, k) + dz).store(sa + c, k);
+          at::vec::fmadd(dz, xh, V::loadu(sb + c, k)).store(sb + c, k);
+        }
+      }
+    }
+  });
+
+  // per (n, c) totals in block order -> A, B; then per (n, g) c1, c2 (stored per channel
+  // as the pass-2 coefficients k1 = -rstd * c1, k2 = -rstd * c2, reusing PA / PB)
+  for (int64_t n = 0; n < N; n++) {
+    for (int64_t c = 0; c < C; c++) {
+      S a = 0, q = 0;
+      for (int64_t bi = 0; bi < nblk; bi++) {
+        a += PA[(n * nblk + bi) * C + c];
+        q += PB[(n * nblk + bi) * C + c];
+      }
+      A[n * C + c] = a;
+      B[n * C + c] = q;
+    }
+    for (int64_t g = 0; g < G; g++) {
+      S c1 = 0, c2 = 0;
+      for (int64_t ci = 0; ci < Cg; ci++) {
+        const int64_t c = g * Cg + ci;
+        const S wc = w ? w[c] : S(1);
+        c1 += wc * A[n * C + c];
+        c2 += wc * B[n * C + c];
+      }
+      const S rs = rstd[n * G + g];
+      for (int64_t ci = 0; ci < Cg; ci++) {
+        PA[n * C + g * Cg + ci] = -rs * (c1 / S(D));
+        PB[n * C + g * Cg + ci] = -rs * (c2 / S(D));
+      }
+    }
+  }
+  // (PA[n*C + c] is only overwritten after every block of sample n was read, and
+  // n * C <= n * nblk * C, so later samples' partials are never clobbered)
+
+  // pass 2: dx = dz * rstd * w + k1 + k2 * xhat (+ dsum)
+  at::parallel_for(0, N * nblk, 1, [&](int64_t beg, int64_t end) {
+    std::vector<S> mc(C), rc(C), wc(C), bc(C), aw(C);
+    int64_t cur_n = -1;
+    for (int64_t t = beg; t < end; t++) {
+      const int64_t n = t / nblk, bi = t % nblk;
+      if (n != cur_n) {
+        cur_n = n;
+        fill_channel(n, mc.data(), rc.data(), wc.data(), bc.data());
+        for (int64_t c = 0; c < C; c++) aw[c] = rc[c] * wc[c];
+      }
+      const S* k1 = &PA[n * C];
+      const S* k2 = &PB[n * C];
+      const int64_t p0 = P * bi / nblk, p1 = P * (bi + 1) / nblk;
+      for (int64_t p = p0; p < p1; p++) {
+        const int64_t off = (n * P + p) * C;
+        const T* xr = x + off;
+        const T* dyr = dy + off;
+        T* dxr = dx + off;
+        int64_t c = 0;
+        for (; c + kV <= C; c += kV) {
+          V xh = (IO<T>::load(xr + c) - V::loadu(&mc[c])) * V::loadu(&rc[c]);
+          V dz = IO<T>::load(dyr + c);
+          if constexpr (ACT != kNone)
+            dz = dz * act_grad<ACT>(at::vec::fmadd(xh, V::loadu(&wc[c]), V::loadu(&bc[c])));
+          V r = at::vec::fmadd(V::loadu(k2 + c), xh, at::vec::fmadd(dz, V::loadu(&aw[c]), V::loadu(k1 + c)));
+          if (dsum) r = r + IO<T>::load(dsum + off + c);
+          IO<T>::store(dxr + c, r);
+        }
+        if (c < C) {
+          const int64_t k = C - c;
+          V xh = (load_n(xr + c, k) - V::loadu(&mc[c], k)) * V::loadu(&rc[c], k);
+          V dz = load_n(dyr + c, k);
+          if constexpr (ACT != kNone)
+            dz = dz * act_grad<ACT>(at::vec::fmadd(xh, V::loadu(&wc[c], k), V::loadu(&bc[c], k)));
+          V r = at::vec::fmadd(V::loadu(k2 + c, k), xh, at::vec::fmadd(dz, V::loadu(&aw[c], k), V::loadu(k1 + c, k)));
+          if (dsum) r = r + load_n(dsum + off + c, k);
+          store_n(dxr + c, r, k);
+        }
+      }
+    }
+  });
+}
+
+template <typename T, int ACT>
+void bwd_typed(const at::Tensor& dy, const at::Tensor& dsum, const at::Tensor& x,
+               const at::Tensor& w, const at::Tensor& b, const at::Tensor& mean,
+               const at::Tensor& rstd, int64_t G, bool cl, const at::Tensor& dx,
+               const at::Tensor& A, const at::Tensor& B) {
+  using S = AccT<T>;
+  const int64_t N = x.size(0), C = x.size(1), P = x.numel() / (N * C);
+  const T* dsp = dsum.defined() ? dsum.data_ptr<T>() : nullptr;
+  const S* wp = w.defined() ? w.data_ptr<S>() : nullptr;
+  const S* bp = b.defined() ? b.data_ptr<S>() : nullptr;
+  auto f = cl ? bwd_cl<T, ACT> : bwd_nchw<T, ACT>;
+  f(dy.data_ptr<T>(), dsp, x.data_ptr<T>(), wp, bp, mean.data_ptr<S>(), rstd.data_ptr<S>(),
+    dx.data_ptr<T>(), A.data_ptr<S>(), B.data_ptr<S>(), N, C, P, G);
+}
+
+template <typename T>
+void bwd_act(int64_t act, const at::Tensor& dy, const at::Tensor& dsum, const at::Tensor& x,
+             const at::Tensor& w, const at::Tensor& b, const at::Tensor& mean, const at::Tensor& rstd,
+             int64_t G, bool cl, const at::Tensor& dx, const at::Tensor& A, const at::Tensor& B) {
+  switch (act) {
+    case kNone: return bwd_typed<T, kNone>(dy, dsum, x, w, b, mean, rstd, G, cl, dx, A, B);
+    case kSilu: return bwd_typed<T, kSilu>(dy, dsum, x, w, b, mean, rstd, G, cl, dx, A, B);
+    case kGelu: return bwd_typed<T, kGelu>(dy, dsum, x, w, b, mean, rstd, G, cl, dx, A, B);
+    case kRelu: return bwd_typed<T, kRelu>(dy, dsum, x, w, b, mean, rstd, G, cl, dx, A, B);
+  }
+  TORCH_CHECK(false, "groupnorm cpu: unknown activation code ", act);
+}
+
+}  // namespace
+}  // namespace gn
+
+// dy, dsum, xs, dx dense in the layout given by channels_last; weight/bias in the
+// accumulation dtype; dw/db (if given) receive the per-channel sums (any float dtype).
+void gn_backward(const at::Tensor& dy, const c10::optional<at::Tensor>& dsum, const at::Tensor& xs,
+                 const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                 const at::Tensor& mean, const at::Tensor& rstd, int64_t G, int64_t act,
+                 bool channels_last, const at::Tensor& dx, const c10::optional<at::Tensor>& dw,
+                 const c10::optional<at::Tensor>& db) {
+  auto fmt = channels_last ? (xs.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d)
+                           : at::MemoryFormat::Contiguous;
+  TORCH_CHECK(xs.numel() > 0 && xs.is_contiguous(fmt) && dy.is_contiguous(fmt) && dx.is_contiguous(fmt),
+              "groupnorm cpu: bad layout");
+  at::Tensor ds = dsum.has_value() ? *dsum : at::Tensor();
+  if (ds.defined()) TORCH_CHECK(ds.is_contiguous(fmt), "groupnorm cpu: bad dsum layout");
+  at::Tensor w = weight.has_value() ? *weight : at::Tensor();
+  at::Tensor b = bias.has_value() ? *bias : at::Tensor();
+  const int64_t N = xs.size(0), C = xs.size(1);
+  // per (n, c) sums of dz (A) and dz * xhat (B), in the accumulation dtype
+  at::Tensor A = at::empty({N, C}, mean.options());
+  at::Tensor B = at::empty({N, C}, mean.options());
+  switch (xs.scalar_type()) {
+    case at::kFloat: gn::bwd_act<float>(act, dy, ds, xs, w, b, mean, rstd, G, channels_last, dx, A, B); break;
+    case at::kDouble: gn::bwd_act<double>(act, dy, ds, xs, w, b, mean, rstd, G, channels_last, dx, A, B); break;
+    case at::kBFloat16: gn::bwd_act<c10::BFloat16>(act, dy, ds, xs, w, b, mean, rstd, G, channels_last, dx, A, B); break;
+    case at::kHalf: gn::bwd_act<c10::Half>(act, dy, ds, xs, w, b, mean, rstd, G, channels_last, dx, A, B); break;
+    default: TORCH_CHECK(false, "groupnorm cpu: unsupported dtype ", xs.scalar_type());
+  }
+  // dweight = sum_n B, dbias = sum_n A: a fixed-order sum over n (sum(0) of a contiguous
+  // (N, C) tensor reduces each column sequentially for small N; do it explicitly to be sure)
+  if ((dw.has_value() && dw->defined()) || (db.has_value() && db->defined())) {
+    at::Tensor sw = A.new_empty({C}), sb = A.new_empty({C});
+    AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "gn_dwdb", [&] {
+      const scalar_t* a = A.data_ptr<scalar_t>();
+      const scalar_t* q = B.data_ptr<scalar_t>();
+      scalar_t* ow = sw.data_ptr<scalar_t>();
+      scalar_t* ob = sb.data_ptr<scalar_t>();
+      for (int64_t c = 0; c < C; c++) {
+        scalar_t s1 = 0, s2 = 0;
+        for (int64_t n = 0; n < N; n++) {
+          s1 += q[n * C + c];
+          s2 += a[n * C + c];
+        }
+        ow[c] = s1;
+        ob[c] = s2;
+      }
+    });
+    if (dw.has_value() && dw->defined()) dw->copy_(sw);
+    if (db.has_value() && db->defined()) db->copy_(sb);
+  }
+}

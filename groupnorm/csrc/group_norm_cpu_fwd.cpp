@@ -1,0 +1,307 @@
+// GroupNorm forward CPU kernels: contiguous (NC*) and channels-last (N*C) layouts.
+//
+// Statistics: per group, blocks of ~8-16K elements are reduced with a two-pass
+// (mean, then centred sum of squares) while the block is in L1/L2, and the block summaries
+// are merged in block order with Chan's formula. So x is read once from memory for the
+// statistics and once for the output, and E[x^2]-E[x]^2 is never formed.
+#include "group_norm_cpu.h"
+
+#include <vector>
+
+namespace gn {
+namespace {
+
+template <typename T>
+using AccT = typename Acc<T>::type;
+
+// s = T(x + r) for len contiguous elements (the residual sum, rounded to x's dtype)
+template <typename T>
+void add_round(const T* x, const T* r, T* s, int64_t len) {
+  using V = typename IO<T>::V;
+  constexpr int64_t kV = V::size();
+  int64_t i = 0;
+  for (; i + kV <= len; i += kV) IO<T>::store(s + i, IO<T>::load(x + i) + IO<T>::load(r + i));
+  if (i < len) store_n(s + i, load_n(x + i, len - i) + load_n(r + i, len - i), len - i);
+}
+
+template <typename T>
+AccT<T> block_sum(const T* p, int64_t len) {
+  using V = typename IO<T>::V;
+  constexpr int64_t kV = V::size();
+  V a0(0), a1(0), a2(0), a3(0);
+  int64_t i = 0;
+  for (; i + 4 * kV <= len; i += 4 * kV) {
+    a0 += IO<T>::load(p + i);
+    a1 += IO<T>::load(p + i + kV);
+    a2 += IO<T>::load(p + i + 2 * kV);
+    a3 += IO<T>::load(p + i + 3 * kV);
+  }
+  for (; i + kV <= len; i += kV) a0 += IO<T>::load(p + i);
+  if (i < len) a1 += load_n(p + i, len - i);  // zero-filled lanes add nothing
+  return hsum((a0 + a1) + (a2 + a3));
+}
+
+template <typename T>
+AccT<T> block_sqdev(const T* p, int64_t len, AccT<T> m) {
+  using V = typename IO<T>::V;
+  constexpr int64_t kV = V::size();
+  const V vm(m);
+  V a0(0), a1(0), a2(0), a3(0);
+  int64_t i = 0;
+  for (; i + 4 * kV <= len; i += 4 * kV) {
+    V d0 = IO<T>::load(p + i) - vm, d1 = IO<T>::load(p + i + kV) - vm;
+    V d2 = IO<T>::load(p + i + 2 * kV) - vm, d3 = IO<T>::load(p + i + 3 * kV) - vm;
+    a0 = at::vec::fmadd(d0, d0, a0);
+    a1 = at::vec::fmadd(d1, d1, a1);
+    a2 = at::vec::fmadd(d2, d2, a2);
+    a3 = at::vec::fmadd(d3, d3, a3);
+  }
+  for (; i + kV <= len; i += kV) {
+    V d = IO<T>::load(p + i) - vm;
+    a0 = at::vec::fmadd(d, d, a0);
+  }
+  if (i < len) {
+    V d = keep_n(load_n(p + i, len - i) - vm, len - i);
+    a1 = at::vec::fmadd(d, d, a1);
+  }
+  return hsum((a0 + a1) + (a2 + a3));
+}
+
+// y = act((x - mean) * scale + shift) for a contiguous row sharing one (mean, scale, shift)
+template <typename T, int ACT>
+void apply_row(const T* src, T* dst, int64_t len, AccT<T> mean, AccT<T> scale, AccT<T> shift) {
+  using V = typename IO<T>::V;
+  constexpr int64_t kV = V::size();
+  const V vm(mean), vs(scale), vb(shift);
+  int64_t i = 0;
+  for (; i + 2 * kV <= len; i += 2 * kV) {
+    V z0 = at::vec::fmadd(IO<T>::load(src + i) - vm, vs, vb);
+    V z1 = at::vec::fmadd(IO<T>::load(src + i + kV) - vm, vs, vb);
+    IO<T>::store(dst + i, act_fwd<ACT>(z0));
+    IO<T>::store(dst + i + kV, act_fwd<ACT>(z1));
+  }
+  for (; i + kV <= len; i += kV)
+    IO<T>::store(dst + i, act_fwd<ACT>(at::vec::fmadd(IO<T>::load(src + i) - vm, vs, vb)));
+  if (i < len)
+    store_n(dst + i, act_fwd<ACT>(at::vec::fmadd(load_n(src + i, len - i) - vm, vs, vb)), len - i);
+}
+
+template <typename S>
+inline void finish_stats(S mean, S m2, int64_t D, S eps, S* mean_o, S* rstd_o) {
+  // D > 0 here (empty tensors never reach the kernels)
+  S var = m2 / S(D);
+  *mean_o = mean;
+  *rstd_o = S(1) / std::sqrt(var + eps);
+}
+
+// ---------------------------------------------------------------- contiguous (N, C, *)
+template <typename T, int ACT>
+void fwd_nchw(const T* x, const T* r, T* s, T* y, const AccT<T>* w, const AccT<T>* b,
+              AccT<T>* mean_o, AccT<T>* rstd_o, int64_t N, int64_t C, int64_t HW, int64_t G,
+              AccT<T> eps) {
+  using S = AccT<T>;
+  const int64_t Cg = C / G, D = Cg * HW;
+  constexpr int64_t kB = 8192;  // block: the second (centred) pass re-reads it from L1
+  at::parallel_for(0, N * G, 1, [&](int64_t beg, int64_t end) {
+    for (int64_t ng = beg; ng < end; ng++) {
+      const int64_t base = ng * D;  // the group is one contiguous run of D values
+      const T* src = (r ? s : x) + base;
+      double cnt = 0;
+      S mean = 0, m2 = 0;
+      for (int64_t off = 0; off < D; off += kB) {
+        const int64_t len = std::min(kB, D - off);
+        if (r) add_round(x + base + off, r + base + off, s + base + off, len);
+        const S bmean = block_sum(src + off, len) / S(len);
+        const S bm2 = block_sqdev(src + off, len, bmean);
+        chan_combine(cnt, mean, m2, double(len), bmean, bm2);
+      }
+      finish_stats(mean, m2, D, eps, mean_o + ng, rstd_o + ng);
+      const S rs = rstd_o[ng];
+      const int64_t g = ng % G;
+      for (int64_t ci = 0; ci < Cg; ci++) {
+        const int64_t c = g * Cg + ci;
+        const S sc = rs * (w ? w[c] : S(1));
+        const S sh = b ? b[c] : S(0);
+        apply_row<T, ACT>(src + ci * HW, y + base + ci * HW, HW, mean, sc, sh);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------- channels-last (N, *, C)
+template <typename T, int ACT>
+void fwd_cl(const T* x, const T* r, T* s, T* y, const AccT<T>* w, const AccT<T>* b,
+            AccT<T>* mean_o, AccT<T>* rstd_o, int64_t N, int64_t C, int64_t P, int64_t G,
+            AccT<T> eps) {
+  using S = AccT<T>;
+  using V = typename IO<T>::V;
+  constexpr int64_t kV = V::size();
+  const int64_t Cg = C / G;
+  const int64_t nblk = cl_blocks(N, P);
+  const int64_t Q = std::max<int64_t>(8, 16384 / C);  // pixels per L1/L2-resident sub-block
+  std::vector<S> part_mean(N * nblk * G), part_m2(N * nblk * G);
+
+  at::parallel_for(0, N * nblk, 1, [&](int64_t beg, int64_t end) {
+    std::vector<S> sumc(C), meanc(C), gmean(G), gm2(G);
+    std::vector<double> gcnt(G);
+    for (int64_t t = beg; t < end; t++) {
+      const int64_t n = t / nblk, bi = t % nblk;
+      const int64_t p0 = P * bi / nblk, p1 = P * (bi + 1) / nblk;
+      std::fill(gmean.begin(), gmean.end(), S(0));
+      std::fill(gm2.begin(), gm2.end(), S(0));
+      std::fill(gcnt.begin(), gcnt.end(), 0.0);
+      for (int64_t q0 = p0; q0 < p1; q0 += Q) {
+        const int64_t nq = std::min(Q, p1 - q0);
+        const int64_t off = (n * P + q0) * C;
+        if (r) add_round(x + off, r + off, s + off, nq * C);
+        const T* src = (r ? s : x) + off;
+        // pass A: per-channel sums over the sub-block's pixels -> per-group block mean
+        std::fill(sumc.begin(), sumc.end(), S(0));
+        for (int64_t q = 0; q < nq; q++) {
+          const T* row = src + q * C;
+          int64_t c = 0;
+          for (; c + kV <= C; c += kV) (V::loadu(&sumc[c]) + IO<T>::load(row + c)).store(&sumc[c]);
+          if (c < C) (V::loadu(&sumc[c], C - c) + load_n(row + c, C - c)).store(&sumc[c], C - c);
+        }
+        const S inv = S(1) / S(nq * Cg);
+        for (int64_t g = 0; g < G; g++) {
+          S acc = 0;
+          for (int64_t ci = 0; ci < Cg; ci++) acc += sumc[g * Cg + ci];
+          const S bm = acc * inv;
+          for (int64_t ci = 0; ci < Cg; ci++) meanc[g * Cg + ci] = bm;
+        }
+        // pass B: per-channel centred sums of squares (the sub-block is still in cache)
+        std::fill(sumc.begin(), sumc.end(), S(0));
+        for (int64_t q = 0; q < nq; q++) {
+          const T* row = src + q * C;
+          int64_t c = 0;
+          for (; c + kV <= C; c += kV) {
+            V d = IO<T>::load(row + c) - V::loadu(&meanc[c]);
+            at::vec::fmadd(d, d, V::loadu(&sumc[c])).store(&sumc[c]);
+          }
+          if (c < C) {
+            V d = keep_n(load_n(row + c, C - c) - V::loadu(&meanc[c], C - c), C - c);
+            at::vec::fmadd(d, d, V::loadu(&sumc[c], C - c)).store(&sumc[c], C - c);
+          }
+        }
+        for (int64_t g = 0; g < G; g++) {
+          S acc = 0;
+          for (int64_t ci = 0; ci < Cg; ci++) acc += sumc[g * Cg + ci];
+          chan_combine(gcnt[g], gmean[g], gm2[g], double(nq * Cg), meanc[g * Cg], acc);
+        }
+      }
+      for (int64_t g = 0; g < G; g++) {
+        part_mean[t * G + g] = gmean[g];
+        part_m2[t * G + g] = gm2[g];
+      }
+    }
+  });
+
+  // merge the pixel blocks of each (n, g) in block order
+  for (int64_t n = 0; n < N; n++) {
+    for (int64_t g = 0; g < G; g++) {
+      double cnt = 0;
+      S mean = 0, m2 = 0;
+      for (int64_t bi = 0; bi < nblk; bi++) {
+        const int64_t t = n * nblk + bi;
+        const int64_t np = P * (bi + 1) / nblk - P * bi / nblk;
+        chan_combine(cnt, mean, m2, double(np * Cg), part_mean[t * G + g], part_m2[t * G + g]);
+      }
+      finish_stats(mean, m2, Cg * P, eps, mean_o + n * G + g, rstd_o + n * G + g);
+    }
+  }
+
+  // y = act((x - mean_g) * rstd_g * w_c + b_c), vectorized over the channels of a pixel
+  at::parallel_for(0, N * nblk, 1, [&](int64_t beg, int64_t end) {
+    std::vector<S> mc(C), sc(C), bc(C);
+    int64_t cur_n = -1;
+    for (int64_t t = beg; t < end; t++) {
+      const int64_t n = t / nblk, bi = t % nblk;
+      if (n != cur_n) {
+        cur_n = n;
+        for (int64_t c = 0; c < C; c++) {
+          const int64_t g = c / Cg;
+          mc[c] = mean_o[n * G + g];
+          sc[c] = rstd_o[n * G + g] * (w ? w[c] : S(1));
+          bc[c] = b ? b[c] : S(0);
+        }
+      }
+      const int64_t p0 = P * bi / nblk, p1 = P * (bi + 1) / nblk;
+      const T* src = (r ? s : x) + (n * P) * C;
+      T* dst = y + (n * P) * C;
+      for (int64_t p = p0; p < p1; p++) {
+        const T* row = src + p * C;
+        T* out = dst + p * C;
+        int64_t c = 0;
+        for (; c + kV <= C; c += kV) {
+          V z = at::vec::fmadd(IO<T>::load(row + c) - V::loadu(&mc[c]), V::loadu(&sc[c]), V::loadu(&bc[c]));
+          IO<T>::store(out + c, act_fwd<ACT>(z));
+        }
+        if (c < C) {
+          const int64_t k = C - c;
+          V z = at::vec::fmadd(load_n(row + c, k) - V::loadu(&mc[c], k), V::loadu(&sc[c], k), V::loadu(&bc[c], k));
+          store_n(out + c, act_fwd<ACT>(z), k);
+        }
+      }
+    }
+  });
+}
+
+template <typename T, int ACT>
+void fwd_dispatch_layout(const at::Tensor& x, const at::Tensor& r, const at::Tensor& s,
+                         const at::Tensor& y, const at::Tensor& w, const at::Tensor& b,
+                         const at::Tensor& mean, const at::Tensor& rstd, int64_t G, double eps,
+                         bool cl) {
+  using S = AccT<T>;
+  const int64_t N = x.size(0), C = x.size(1), P = x.numel() / (N * C);
+  const T* xp = x.data_ptr<T>();
+  const T* rp = r.defined() ? r.data_ptr<T>() : nullptr;
+  T* sp = s.defined() ? s.data_ptr<T>() : nullptr;
+  const S* wp = w.defined() ? w.data_ptr<S>() : nullptr;
+  const S* bp = b.defined() ? b.data_ptr<S>() : nullptr;
+  if (cl)
+    fwd_cl<T, ACT>(xp, rp, sp, y.data_ptr<T>(), wp, bp, mean.data_ptr<S>(), rstd.data_ptr<S>(), N, C, P, G, S(eps));
+  else
+    fwd_nchw<T, ACT>(xp, rp, sp, y.data_ptr<T>(), wp, bp, mean.data_ptr<S>(), rstd.data_ptr<S>(), N, C, P, G, S(eps));
+}
+
+template <typename T>
+void fwd_dispatch_act(int64_t act, const at::Tensor& x, const at::Tensor& r, const at::Tensor& s,
+                      const at::Tensor& y, const at::Tensor& w, const at::Tensor& b,
+                      const at::Tensor& mean, const at::Tensor& rstd, int64_t G, double eps, bool cl) {
+  switch (act) {
+    case kNone: return fwd_dispatch_layout<T, kNone>(x, r, s, y, w, b, mean, rstd, G, eps, cl);
+    case kSilu: return fwd_dispatch_layout<T, kSilu>(x, r, s, y, w, b, mean, rstd, G, eps, cl);
+    case kGelu: return fwd_dispatch_layout<T, kGelu>(x, r, s, y, w, b, mean, rstd, G, eps, cl);
+    case kRelu: return fwd_dispatch_layout<T, kRelu>(x, r, s, y, w, b, mean, rstd, G, eps, cl);
+  }
+  TORCH_CHECK(false, "groupnorm cpu: unknown activation code ", act);
+}
+
+}  // namespace
+}  // namespace gn
+
+// All tensors are dense in the layout given by channels_last (checked by the launcher,
+// re-checked here); weight/bias are already in the accumulation dtype.
+void gn_forward(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual,
+                int64_t G, double eps, int64_t act, bool channels_last, const at::Tensor& y,
+                const at::Tensor& mean, const at::Tensor& rstd, const c10::optional<at::Tensor>& sum_out) {
+  auto fmt = channels_last ? (x.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d)
+                           : at::MemoryFormat::Contiguous;
+  TORCH_CHECK(x.numel() > 0 && x.is_contiguous(fmt) && y.is_contiguous(fmt), "groupnorm cpu: bad layout");
+  at::Tensor r = residual.has_value() ? *residual : at::Tensor();
+  at::Tensor s = sum_out.has_value() ? *sum_out : at::Tensor();
+  TORCH_CHECK(r.defined() == s.defined(), "groupnorm cpu: residual needs sum_out");
+  if (r.defined()) TORCH_CHECK(r.is_contiguous(fmt) && s.is_contiguous(fmt), "groupnorm cpu: bad residual layout");
+  at::Tensor w = weight.has_value() ? *weight : at::Tensor();
+  at::Tensor b = bias.has_value() ? *bias : at::Tensor();
+  TORCH_CHECK(mean.is_contiguous() && rstd.is_contiguous());
+  switch (x.scalar_type()) {
+    case at::kFloat: return gn::fwd_dispatch_act<float>(act, x, r, s, y, w, b, mean, rstd, G, eps, channels_last);
+    case at::kDouble: return gn::fwd_dispatch_act<double>(act, x, r, s, y, w, b, mean, rstd, G, eps, channels_last);
+    case at::kBFloat16: return gn::fwd_dispatch_act<c10::BFloat16>(act, x, r, s, y, w, b, mean, rstd, G, eps, channels_last);
+    case at::kHalf: return gn::fwd_dispatch_act<c10::Half>(act, x, r, s, y, w, b, mean, rstd, G, eps, channels_last);
+    default: TORCH_CHECK(false, "groupnorm cpu: unsupported dtype ", x.scalar_type());
+  }
+}

@@ -1,0 +1,178 @@
+"""The ``"cpu"`` route: GroupNorm kernels in C++ (ATen ``Vectorized``, OpenMP) for CPU tensors.
+
+The kernels (``groupnorm/csrc/*.cpp``) are compiled on first use with
+:func:`torch.utils.cpp_extension.load` for the CPU capability torch itself runs with
+(``torch.backends.cpu.get_cpu_capability()``: AVX512, AVX2 or the portable default), so
+the build never uses an instruction the machine lacks. The first call that compiles prints
+one line to stderr; the build is cached under ``~/.cache/groupnorm/`` (override with
+``GROUPNORM_BUILD_DIR``) and keyed by a hash of the sources, flags and torch version.
+Concurrent first calls (e.g. ``pytest -n 2``) are serialized by torch's file lock.
+
+If the build is impossible (no compiler, no ninja, a compile error) or disabled with
+``GROUPNORM_CPU_EXT=0``, the route warns once and declines every call (``supports`` gives
+the reason), so ``"auto"`` falls back to the pure-PyTorch ``"reference"`` route.
+
+Design and measurements: ``docs/cpu.md``; benchmark: ``benchmarks/bench_cpu.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import sys
+import threading
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .. import reference
+from .routes import register_route
+
+Tensor = torch.Tensor
+
+_CSRC = Path(__file__).resolve().parent.parent / "csrc"
+_SOURCES = ("group_norm_cpu.cpp", "group_norm_cpu_fwd.cpp", "group_norm_cpu_bwd.cpp")
+_HEADERS = ("group_norm_cpu.h",)
+_ACT = {"none": 0, "silu": 1, "gelu": 2, "relu": 3}
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+_ext = None
+_ext_error: Optional[str] = None
+_lock = threading.Lock()
+
+
+def _capability_flags() -> tuple[str, list[str]]:
+    """(capability, compiler flags) matching the capability torch dispatches its own kernels to."""
+    cap = torch.backends.cpu.get_cpu_capability()
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        if cap == "AVX512":
+            return cap, ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
+                         "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
+        if cap == "AVX2":
+            return cap, ["-mavx2", "-mfma", "-mf16c", "-mbmi2",
+                         "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    return "DEFAULT", ["-DCPU_CAPABILITY=DEFAULT"]
+
+
+def _build_spec() -> tuple[str, Path, list[str]]:
+    cap, flags = _capability_flags()
+    flags = ["-O3", "-fopenmp", "-DNDEBUG", *flags]
+    h = hashlib.sha256()
+    for f in _SOURCES + _HEADERS:
+        h.update((_CSRC / f).read_bytes())
+    h.update(" ".join(flags).encode())
+    h.update(torch.__version__.encode())
+    name = f"groupnorm_cpu_{cap.lower()}_{h.hexdigest()[:12]}"
+    root = os.environ.get("GROUPNORM_BUILD_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "groupnorm")
+    return name, Path(root) / name, flags
+
+
+def load_extension():
+    """The compiled kernels (building them on first use), or None if unavailable."""
+    global _ext, _ext_error
+    if _ext is not None or _ext_error is not None:
+        return _ext
+    with _lock:
+        if _ext is not None or _ext_error is not None:
+            return _ext
+        if os.environ.get("GROUPNORM_CPU_EXT", "1") == "0":
+            _ext_error = "disabled by GROUPNORM_CPU_EXT=0"
+            return None
+        try:
+            from torch.utils import cpp_extension
+
+            name, build_dir, flags = _build_spec()
+            build_dir.mkdir(parents=True, exist_ok=True)
+            if not (build_dir / f"{name}.so").exists():
+                print(f"groupnorm: compiling the CPU kernels once (about a minute); cached in {build_dir}",
+                      file=sys.stderr, flush=True)
+            _ext = cpp_extension.load(
+                name=name,
+                sources=[str(_CSRC / f) for f in _SOURCES],
+                extra_cflags=flags,
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(build_dir),
+                verbose=False,
+            )
+        except Exception as e:  # no compiler / ninja, compile error, ...: fall back, never crash
+            _ext_error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+            warnings.warn(
+                f"groupnorm: the C++ CPU kernels are unavailable ({_ext_error}); "
+                "CPU calls use the pure-PyTorch 'reference' route instead",
+                RuntimeWarning, stacklevel=2,
+            )
+            _ext = None
+    return _ext
+
+
+def supports(x: Tensor, weight, residual, activation: str) -> Optional[str]:
+    if x.device.type != "cpu":
+        return f"tensor on {x.device.type}, not CPU"
+    if x.layout != torch.strided:
+        return f"layout {x.layout} is not strided"
+    if x.dtype not in _DTYPES:
+        return f"dtype {x.dtype} not supported"
+    if x.dim() < 2:
+        return "input needs shape (N, C, *)"
+    if activation not in _ACT:
+        return f"activation {activation!r} not supported"
+    if residual is not None and (residual.dtype != x.dtype or residual.device != x.device):
+        return "residual must have x's dtype and device"
+    if load_extension() is None:
+        return f"C++ kernels unavailable ({_ext_error})"
+    return None
+
+
+def _acc_param(p: Optional[Tensor], acc: torch.dtype) -> Optional[Tensor]:
+    return None if p is None else p.to(acc).contiguous()
+
+
+def _layout(t: Tensor) -> tuple[torch.memory_format, bool]:
+    fmt = reference.memory_format_of(t)
+    return fmt, fmt is not torch.contiguous_format
+
+
+def forward(x, weight, bias, residual, num_groups, eps, activation="none", *, out=None):
+    """Route forward. ``out`` (benchmarks only): a preallocated ``y`` of x's layout."""
+    if x.numel() == 0:  # N = 0 or an empty spatial dim: nothing to compute
+        return reference.forward(x, weight, bias, residual, num_groups, eps, activation)
+    ext = load_extension()
+    fmt, cl = _layout(x)
+    # dense in the output layout (no-op for contiguous / channels-last inputs; a copy for
+    # other strided views, which then produce a contiguous output, as memory_format_of says)
+    xc = x.contiguous(memory_format=fmt)
+    r = residual.contiguous(memory_format=fmt) if residual is not None else None
+    acc = reference.acc_dtype(x.dtype)
+    y = out if out is not None else torch.empty_like(xc, memory_format=fmt)
+    N = x.shape[0]
+    mean = torch.empty((N, num_groups), dtype=acc)
+    rstd = torch.empty((N, num_groups), dtype=acc)
+    s = torch.empty_like(xc, memory_format=fmt) if r is not None else None
+    ext.forward(xc, _acc_param(weight, acc), _acc_param(bias, acc), r, num_groups, float(eps),
+                _ACT[activation], cl, y, mean, rstd, s)
+    return y, mean, rstd, s
+
+
+def backward(dy, dsum, xs, weight, bias, mean, rstd, num_groups, activation="none"):
+    if xs.numel() == 0:
+        return reference.backward(dy, dsum, xs, weight, bias, mean, rstd, num_groups, activation)
+    ext = load_extension()
+    fmt, cl = _layout(xs)
+    xc = xs.contiguous(memory_format=fmt)
+    dyc = dy.to(xs.dtype).contiguous(memory_format=fmt)
+    dsc = dsum.to(xs.dtype).contiguous(memory_format=fmt) if dsum is not None else None
+    acc = reference.acc_dtype(xs.dtype)
+    dx = torch.empty_like(xc, memory_format=fmt)
+    dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if weight is not None else None
+    db = torch.empty_like(bias, memory_format=torch.contiguous_format) if bias is not None else None
+    ext.backward(dyc, dsc, xc, _acc_param(weight, acc), _acc_param(bias, acc),
+                 mean.to(acc).contiguous(), rstd.to(acc).contiguous(), num_groups,
+                 _ACT[activation], cl, dx, dw, db)
+    return dx, dw, db
+
+
+register_route("cpu", forward, backward, supports, priority=10)
