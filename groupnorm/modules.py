@@ -33,6 +33,7 @@ class GroupNorm(nn.Module):
         eps (float): a value added to the denominator for numerical stability. Default: 1e-5.
         affine (bool): learnable per-channel weight (init ones) and bias (init zeros).
             Default: ``True``.
+        bias (bool): with ``affine``, also learn the bias (as torch's ``bias=``). Default: ``True``.
         group_size (int, optional): channels per group instead of ``num_groups``.
         activation (str, optional): fused ``"silu"``, ``"gelu"`` or ``"relu"``. Default: ``None``.
 
@@ -58,6 +59,7 @@ class GroupNorm(nn.Module):
         *,
         group_size: Optional[int] = None,
         activation: Optional[str] = None,
+        bias: bool = True,
         device=None,
         dtype=None,
     ) -> None:
@@ -71,7 +73,10 @@ class GroupNorm(nn.Module):
         factory = {"device": device, "dtype": dtype}
         if affine:
             self.weight = nn.Parameter(torch.empty(num_channels, **factory))
-            self.bias = nn.Parameter(torch.empty(num_channels, **factory))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(num_channels, **factory))
+            else:
+                self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -80,7 +85,8 @@ class GroupNorm(nn.Module):
     def reset_parameters(self) -> None:
         if self.affine:
             nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, return_sum: bool = False):
         return group_norm(
@@ -89,5 +95,6 @@ class GroupNorm(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        s = f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"
+        s = (f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, "
+             f"bias={self.bias is not None}")
         return s + (f", activation={self.activation!r}" if self.activation else "")

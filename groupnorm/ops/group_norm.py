@@ -62,18 +62,19 @@ def bwd(
     mean: Tensor,
     rstd: Tensor,
     num_groups: int,
+    eps: float,
     activation: str,
     route: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns ``(dx, dweight, dbias)``; dweight/dbias are empty (0,) without weight/bias."""
     r = routes.select(route, xs, weight, None, activation)
     dx, dw, db = r.backward(dy, dsum, xs, weight, bias, mean, rstd, num_groups, activation)
-    empty = xs.new_empty(0)
-    return dx, (dw if dw is not None else empty), (db if db is not None else empty)
+    # two distinct empties: outputs of a custom op must not alias each other
+    return dx, (dw if dw is not None else xs.new_empty(0)), (db if db is not None else xs.new_empty(0))
 
 
 @bwd.register_fake
-def _bwd_fake(dy, dsum, xs, weight, bias, mean, rstd, num_groups, activation, route):
+def _bwd_fake(dy, dsum, xs, weight, bias, mean, rstd, num_groups, eps, activation, route):
     dx = torch.empty_like(xs, memory_format=reference.memory_format_of(xs))
     dw = torch.empty_like(weight) if weight is not None else xs.new_empty(0)
     db = torch.empty_like(bias) if bias is not None else xs.new_empty(0)
@@ -84,7 +85,7 @@ def _setup_context(ctx, inputs, output):
     x, weight, bias, residual, num_groups, eps, activation, route = inputs
     y, mean, rstd, s = output
     ctx.has_residual = residual is not None
-    ctx.num_groups, ctx.activation, ctx.route = num_groups, activation, route
+    ctx.num_groups, ctx.eps, ctx.activation, ctx.route = num_groups, eps, activation, route
     ctx.mark_non_differentiable(mean, rstd)
     ctx.save_for_backward(s if ctx.has_residual else x, weight, bias, mean, rstd)
 
@@ -94,7 +95,7 @@ def _backward(ctx, dy, _dmean, _drstd, ds):
     if dy is None:  # only the returned sum was used downstream
         dy = torch.zeros_like(xs)
     dsum = ds if ctx.has_residual and ds is not None and ds.numel() == xs.numel() else None
-    dx, dw, db = bwd(dy, dsum, xs, weight, bias, mean, rstd, ctx.num_groups, ctx.activation, ctx.route)
+    dx, dw, db = bwd(dy, dsum, xs, weight, bias, mean, rstd, ctx.num_groups, ctx.eps, ctx.activation, ctx.route)
     dres = dx if ctx.has_residual else None
     return dx, _none_if_empty(dw), _none_if_empty(db), dres, None, None, None, None
 
@@ -102,15 +103,29 @@ def _backward(ctx, dy, _dmean, _drstd, ds):
 fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _bwd_not_differentiable(ctx, *grads):
-    raise RuntimeError(
-        "groupnorm: double backward (gradient of the gradient) is not implemented; "
-        "use torch.nn.functional.group_norm for higher-order derivatives"
-    )
-
-
 def _bwd_setup(ctx, inputs, output):
-    pass
+    dy, dsum, xs, weight, bias, mean, rstd, num_groups, eps, activation, route = inputs
+    ctx.num_groups, ctx.eps, ctx.activation = num_groups, eps, activation
+    ctx.save_for_backward(dy, dsum, xs, weight, bias)
 
 
-bwd.register_autograd(_bwd_not_differentiable, setup_context=_bwd_setup)
+def _bwd_backward(ctx, gdx, gdw, gdb):
+    """Double backward: differentiate the reference backward, with mean and rstd recomputed
+    from xs so that their dependence on xs is included (they enter bwd as plain inputs)."""
+    saved = ctx.saved_tensors
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in saved]
+    dy, dsum, xs, weight, bias = leaves
+    with torch.enable_grad():
+        _, mean, rstd, _ = reference.forward(xs, weight, bias, None, ctx.num_groups, ctx.eps, "none")
+        outs = reference.backward(dy, dsum, xs, weight, bias, mean, rstd, ctx.num_groups, ctx.activation)
+        pairs = [(o, g) for o, g in zip(outs, (gdx, gdw, gdb))
+                 if o is not None and g is not None and g.numel() == o.numel()]
+        inputs = [t for t in leaves if t is not None]
+        grads = torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs],
+                                    allow_unused=True, create_graph=torch.is_grad_enabled())
+    it = iter(grads)
+    gdy, gdsum, gxs, gw, gb = (next(it) if t is not None else None for t in leaves)
+    return gdy, gdsum, gxs, gw, gb, None, None, None, None, None, None
+
+
+bwd.register_autograd(_bwd_backward, setup_context=_bwd_setup)
