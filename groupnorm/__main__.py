@@ -1,0 +1,7 @@
+"""``python -m groupnorm ...`` runs the same as the ``groupnorm`` command."""
+
+import sys
+
+from groupnorm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,64 @@
+"""The ``groupnorm`` command: the batch-size study (BN vs GN) from one command.
+
+Examples::
+
+    groupnorm --preset quick                      # the README's main command (~10 min on 2 CPU cores)
+    groupnorm --preset quick --data cifar-10-batches-py --model resnet --depth 8
+    groupnorm --preset paper                      # the paper's protocol at full length (GPU)
+    torchrun --nproc_per_node 2 -m groupnorm --preset quick --out study_out/ddp
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv=None) -> int:
+    """Entry point of ``groupnorm`` / ``python -m groupnorm``. Returns the exit status."""
+    from .study import dist
+    from .study.config import config_from_args, run_configs
+    from .study.data import DatasetError
+    from .study.norms import NORMS
+
+    try:
+        cfg, ns = config_from_args(argv)
+    except ValueError as e:
+        print(f"groupnorm: error: {e}", file=sys.stderr)
+        return 2
+    if ns.list_norms:
+        for name, f in NORMS.items():
+            print(f"{name:12s} {(f.__doc__ or '').strip().splitlines()[0] if f.__doc__ else f.__name__}")
+        return 0
+    if ns.dry_run:
+        from .study.config import run_label
+        from .study.sweep import load_result
+
+        for rc in run_configs(cfg):
+            done = "done" if load_result(cfg, rc["key"]) else "todo"
+            print(f"{rc['key']} {done} {run_label(rc):22s} per-device {rc['per_device_batch']:3d} "
+                  f"total {rc['total_batch']:4d} lr {rc['lr_scaled']:.4g} seed {rc['seed']}")
+        return 0
+    from .study.sweep import report_only, run_sweep
+
+    try:
+        dist.init_from_env()
+        out = report_only(cfg) if ns.report_only else run_sweep(cfg)
+    except DatasetError as e:
+        print(f"groupnorm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ngroupnorm: interrupted; finished runs are kept, rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+    if dist.rank() == 0:
+        with open(out["files"]["md"]) as f:
+            print(f.read())
+        if "ablation" in out["files"]:
+            with open(out["files"]["ablation"]) as f:
+                print(f.read())
+        print("written: " + ", ".join(out["files"].values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
