@@ -45,32 +45,44 @@ import os
 
 import triton
 import triton.language as tl
+from triton.language.standard import _sum_combine
 
 # Whether these kernels were defined for the interpreter (``triton.jit`` decides at
 # definition time); the launcher re-imports this module when the setting changed.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-ACT_CODES = {"none": 0, "silu": 1, "gelu": 2, "relu": 3}
+# Only builtins of triton.language are used in the kernels, never its @jit-defined helpers
+# (tl.sum, tl.zeros, tl.sigmoid, ...): those are defined when triton is imported, so in a
+# process that imported triton before TRITON_INTERPRET=1 was set they are compiled-mode
+# functions that an interpreted kernel cannot call. Sums use tl.reduce with triton's own
+# _sum_combine (the interpreter runs that one as a numpy sum).
 
 
 # ----------------------------------------------------------------------------- helpers
+#
+# The interpreter pays a lot for each call of a @jit helper and for each int32 operation
+# (it checks them for overflow), so per-tile work is written inline: offsets are built as a
+# per-channel row offset (once per channel block) plus a per-position column offset.
+
+# The interpreter converts fp32 to bf16 by truncation, the GPU (cvt.rn) rounds to nearest
+# even; under the interpreter bf16 outputs are rounded by bit arithmetic instead, so the
+# interpreter checks the GPU's rounding (e.g. sum = x + residual bit for bit).
+_INTERP = tl.constexpr(INTERPRET)
 
 
 @triton.jit
-def _offsets(n, ch, ss, stride_n, stride_c, stride_s, INT64: tl.constexpr):
-    """Element offsets of a [BLOCK_C, BLOCK_S] tile: n scalar, ch [BLOCK_C], ss [BLOCK_S]."""
-    if INT64:
-        return (n.to(tl.int64) * stride_n + ch.to(tl.int64)[:, None] * stride_c
-                + ss.to(tl.int64)[None, :] * stride_s)
-    else:
-        return n * stride_n + ch[:, None] * stride_c + ss[None, :] * stride_s
+def _bf16_rne(v):
+    """fp32 -> bf16, round to nearest even, by bit arithmetic."""
+    b = v.to(tl.uint32, bitcast=True)
+    b = b + 0x7FFF + ((b >> 16) & 1)
+    return (b >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit
 def _act(z, ACT: tl.constexpr):
-    """act(z): 0 identity, 1 silu, 2 gelu (exact erf), 3 relu (NaN stays NaN)."""
+    """act(z): 1 silu, 2 gelu (exact erf), 3 relu (NaN stays NaN)."""
     if ACT == 1:
-        z = z * tl.sigmoid(z)
+        z = z / (1.0 + tl.exp(-z))
     elif ACT == 2:
         z = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
     elif ACT == 3:
@@ -82,7 +94,7 @@ def _act(z, ACT: tl.constexpr):
 def _act_grad(z, ACT: tl.constexpr):
     """d act(z) / dz for ACT in 1..3 (same formulas as ``reference._act_grad``)."""
     if ACT == 1:
-        sig = tl.sigmoid(z)
+        sig = 1.0 / (1.0 + tl.exp(-z))
         g = sig * (1.0 + z * (1.0 - sig))
     elif ACT == 2:
         cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
@@ -101,10 +113,10 @@ def _merge_partials(PART, base, count, BLOCK_SPLIT: tl.constexpr):
     c = tl.load(PART + (base + j * 3 + 0), mask=jm, other=0.0).to(tl.float32)
     m = tl.load(PART + (base + j * 3 + 1), mask=jm, other=0.0).to(tl.float32)
     q = tl.load(PART + (base + j * 3 + 2), mask=jm, other=0.0).to(tl.float32)
-    tot = tl.sum(c, axis=0)
-    mean = tl.sum(c * m, axis=0) / tot
+    tot = tl.reduce(c, 0, _sum_combine)
+    mean = tl.reduce(c * m, 0, _sum_combine) / tot
     d = tl.where(jm, m - mean, 0.0)
-    m2 = tl.sum(q, axis=0) + tl.sum(c * d * d, axis=0)
+    m2 = tl.reduce(q, 0, _sum_combine) + tl.reduce(c * d * d, 0, _sum_combine)
     return mean, m2 / tot
 
 
@@ -115,28 +127,40 @@ def _fwd_stats_chunk(
     HAS_RES: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr,
 ):
     """(count, mean, M2) of group (n, g) over positions [s_lo, s_hi); writes SUM = x + r."""
-    cnt = tl.zeros([], tl.float32)
-    mean = tl.zeros([], tl.float32)
-    m2 = tl.zeros([], tl.float32)
+    cnt = tl.full([], 0.0, tl.float32)
+    mean = tl.full([], 0.0, tl.float32)
+    m2 = tl.full([], 0.0, tl.float32)
+    if INT64:
+        n = n.to(tl.int64)
     for c0 in range(0, Cg, BLOCK_C):
         cc = c0 + tl.arange(0, BLOCK_C)
         cmask = cc < Cg
         ch = g * Cg + cc
+        if INT64:
+            ch = ch.to(tl.int64)
+        xrow = n * x_sn + ch * x_sc
+        if HAS_RES:
+            rrow = n * r_sn + ch * r_sc
+            urow = n * u_sn + ch * u_sc
         for s0 in range(s_lo, s_hi, BLOCK_S):
             ss = s0 + tl.arange(0, BLOCK_S)
             mask = cmask[:, None] & (ss < s_hi)[None, :]
-            v = tl.load(X + _offsets(n, ch, ss, x_sn, x_sc, x_ss, INT64), mask=mask, other=0.0)
-            v = v.to(tl.float32)
+            if INT64:
+                ss = ss.to(tl.int64)
+            v = tl.load(X + (xrow[:, None] + ss[None, :] * x_ss), mask=mask, other=0.0).to(tl.float32)
             if HAS_RES:
-                r = tl.load(R + _offsets(n, ch, ss, r_sn, r_sc, r_ss, INT64), mask=mask, other=0.0)
+                r = tl.load(R + (rrow[:, None] + ss[None, :] * r_ss), mask=mask, other=0.0).to(tl.float32)
                 # the op normalizes the sum rounded to x's dtype
-                sv = (v + r.to(tl.float32)).to(SUM.dtype.element_ty)
-                tl.store(SUM + _offsets(n, ch, ss, u_sn, u_sc, u_ss, INT64), sv, mask=mask)
+                if _INTERP and SUM.dtype.element_ty == tl.bfloat16:
+                    sv = _bf16_rne(v + r)
+                else:
+                    sv = (v + r).to(SUM.dtype.element_ty)
+                tl.store(SUM + (urow[:, None] + ss[None, :] * u_ss), sv, mask=mask)
                 v = sv.to(tl.float32)
             nt = (tl.minimum(Cg - c0, BLOCK_C) * tl.minimum(s_hi - s0, BLOCK_S)).to(tl.float32)
-            tmean = tl.sum(v) / nt
+            tmean = tl.reduce(tl.reduce(v, 1, _sum_combine), 0, _sum_combine) / nt
             d = tl.where(mask, v - tmean, 0.0)
-            tm2 = tl.sum(d * d)
+            tm2 = tl.reduce(tl.reduce(d * d, 1, _sum_combine), 0, _sum_combine)
             tot = cnt + nt
             delta = tmean - mean
             mean = mean + delta * (nt / tot)
@@ -153,6 +177,8 @@ def _fwd_norm_chunk(
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr,
 ):
     """Y = act((XS - mean) * rstd * w + b) over positions [s_lo, s_hi) of group (n, g)."""
+    if INT64:
+        n = n.to(tl.int64)
     for c0 in range(0, Cg, BLOCK_C):
         cc = c0 + tl.arange(0, BLOCK_C)
         cmask = cc < Cg
@@ -160,18 +186,27 @@ def _fwd_norm_chunk(
         if HAS_W:
             a = tl.load(W + ch, mask=cmask, other=0.0).to(tl.float32) * rstd
         else:
-            a = tl.zeros([BLOCK_C], tl.float32) + rstd
+            a = tl.full([BLOCK_C], 0.0, tl.float32) + rstd
         if HAS_B:
             b = tl.load(B + ch, mask=cmask, other=0.0).to(tl.float32)
         else:
-            b = tl.zeros([BLOCK_C], tl.float32)
+            b = tl.full([BLOCK_C], 0.0, tl.float32)
+        if INT64:
+            ch = ch.to(tl.int64)
+        srow = n * s_sn + ch * s_sc
+        yrow = n * y_sn + ch * y_sc
         for s0 in range(s_lo, s_hi, BLOCK_S):
             ss = s0 + tl.arange(0, BLOCK_S)
             mask = cmask[:, None] & (ss < s_hi)[None, :]
-            v = tl.load(XS + _offsets(n, ch, ss, s_sn, s_sc, s_ss, INT64), mask=mask, other=0.0)
-            z = (v.to(tl.float32) - mean) * a[:, None] + b[:, None]
-            y = _act(z, ACT)
-            tl.store(Y + _offsets(n, ch, ss, y_sn, y_sc, y_ss, INT64), y.to(Y.dtype.element_ty), mask=mask)
+            if INT64:
+                ss = ss.to(tl.int64)
+            v = tl.load(XS + (srow[:, None] + ss[None, :] * s_ss), mask=mask, other=0.0).to(tl.float32)
+            z = (v - mean) * a[:, None] + b[:, None]
+            if ACT != 0:
+                z = _act(z, ACT)
+            if _INTERP and Y.dtype.element_ty == tl.bfloat16:
+                z = _bf16_rne(z)
+            tl.store(Y + (yrow[:, None] + ss[None, :] * y_ss), z.to(Y.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -291,8 +326,10 @@ def _bwd_chunk_sums(
 ):
     """Per-channel sums of dz * xhat and dz over [s_lo, s_hi) -> DWP/DBP[prow, channels of g];
     returns this chunk's sum(dxhat * xhat) and sum(dxhat) for the group."""
-    t_w = tl.zeros([], tl.float32)
-    t_b = tl.zeros([], tl.float32)
+    t_w = tl.full([], 0.0, tl.float32)
+    t_b = tl.full([], 0.0, tl.float32)
+    if INT64:
+        n = n.to(tl.int64)
     for c0 in range(0, Cg, BLOCK_C):
         cc = c0 + tl.arange(0, BLOCK_C)
         cmask = cc < Cg
@@ -304,26 +341,30 @@ def _bwd_chunk_sums(
         if HAS_B:
             bv = tl.load(B + ch, mask=cmask, other=0.0).to(tl.float32)
         else:
-            bv = tl.zeros([BLOCK_C], tl.float32)
-        acc_w = tl.zeros([BLOCK_C], tl.float32)
-        acc_b = tl.zeros([BLOCK_C], tl.float32)
+            bv = tl.full([BLOCK_C], 0.0, tl.float32)
+        prow_off = prow.to(tl.int64) * C + ch
+        if INT64:
+            ch = ch.to(tl.int64)
+        xrow = n * xs_sn + ch * xs_sc
+        drow = n * dy_sn + ch * dy_sc
+        acc_w = tl.full([BLOCK_C], 0.0, tl.float32)
+        acc_b = tl.full([BLOCK_C], 0.0, tl.float32)
         for s0 in range(s_lo, s_hi, BLOCK_S):
             ss = s0 + tl.arange(0, BLOCK_S)
             mask = cmask[:, None] & (ss < s_hi)[None, :]
-            x = tl.load(XS + _offsets(n, ch, ss, xs_sn, xs_sc, xs_ss, INT64), mask=mask, other=0.0)
-            dy = tl.load(DY + _offsets(n, ch, ss, dy_sn, dy_sc, dy_ss, INT64), mask=mask, other=0.0)
-            xhat = (x.to(tl.float32) - mean) * rstd
-            dz = dy.to(tl.float32)
+            if INT64:
+                ss = ss.to(tl.int64)
+            x = tl.load(XS + (xrow[:, None] + ss[None, :] * xs_ss), mask=mask, other=0.0).to(tl.float32)
+            dz = tl.load(DY + (drow[:, None] + ss[None, :] * dy_ss), mask=mask, other=0.0).to(tl.float32)
+            xhat = tl.where(mask, (x - mean) * rstd, 0.0)
             if ACT != 0:
-                dz = dz * _act_grad(xhat * wv[:, None] + bv[:, None], ACT)
-            dz = tl.where(mask, dz, 0.0)
-            acc_b += tl.sum(dz, axis=1)
-            acc_w += tl.sum(dz * tl.where(mask, xhat, 0.0), axis=1)
-        row = prow.to(tl.int64) * C + ch
-        tl.store(DWP + row, acc_w, mask=cmask)
-        tl.store(DBP + row, acc_b, mask=cmask)
-        t_w += tl.sum(acc_w * wv, axis=0)
-        t_b += tl.sum(acc_b * wv, axis=0)
+                dz = tl.where(mask, dz * _act_grad(xhat * wv[:, None] + bv[:, None], ACT), 0.0)
+            acc_b += tl.reduce(dz, 1, _sum_combine)
+            acc_w += tl.reduce(dz * xhat, 1, _sum_combine)
+        tl.store(DWP + prow_off, acc_w, mask=cmask)
+        tl.store(DBP + prow_off, acc_b, mask=cmask)
+        t_w += tl.reduce(acc_w * wv, 0, _sum_combine)
+        t_b += tl.reduce(acc_b * wv, 0, _sum_combine)
     return t_w, t_b
 
 
@@ -335,6 +376,8 @@ def _bwd_dx_chunk(
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr,
 ):
     """DX = rstd * (dxhat - c1 - xhat * c2) (+ DSUM) over [s_lo, s_hi) of group (n, g)."""
+    if INT64:
+        n = n.to(tl.int64)
     for c0 in range(0, Cg, BLOCK_C):
         cc = c0 + tl.arange(0, BLOCK_C)
         cmask = cc < Cg
@@ -342,25 +385,34 @@ def _bwd_dx_chunk(
         if HAS_W:
             wv = tl.load(W + ch, mask=cmask, other=0.0).to(tl.float32)
         else:
-            wv = tl.zeros([BLOCK_C], tl.float32) + 1.0
+            wv = tl.full([BLOCK_C], 1.0, tl.float32)
         if HAS_B:
             bv = tl.load(B + ch, mask=cmask, other=0.0).to(tl.float32)
         else:
-            bv = tl.zeros([BLOCK_C], tl.float32)
+            bv = tl.full([BLOCK_C], 0.0, tl.float32)
+        if INT64:
+            ch = ch.to(tl.int64)
+        xrow = n * xs_sn + ch * xs_sc
+        drow = n * dy_sn + ch * dy_sc
+        orow = n * dx_sn + ch * dx_sc
+        if HAS_DSUM:
+            srow = n * ds_sn + ch * ds_sc
         for s0 in range(s_lo, s_hi, BLOCK_S):
             ss = s0 + tl.arange(0, BLOCK_S)
             mask = cmask[:, None] & (ss < s_hi)[None, :]
-            x = tl.load(XS + _offsets(n, ch, ss, xs_sn, xs_sc, xs_ss, INT64), mask=mask, other=0.0)
-            dy = tl.load(DY + _offsets(n, ch, ss, dy_sn, dy_sc, dy_ss, INT64), mask=mask, other=0.0)
-            xhat = (x.to(tl.float32) - mean) * rstd
-            dz = dy.to(tl.float32)
+            if INT64:
+                ss = ss.to(tl.int64)
+            x = tl.load(XS + (xrow[:, None] + ss[None, :] * xs_ss), mask=mask, other=0.0).to(tl.float32)
+            dz = tl.load(DY + (drow[:, None] + ss[None, :] * dy_ss), mask=mask, other=0.0).to(tl.float32)
+            xhat = (x - mean) * rstd
             if ACT != 0:
                 dz = dz * _act_grad(xhat * wv[:, None] + bv[:, None], ACT)
             dx = (dz * wv[:, None] - c1 - xhat * c2) * rstd
             if HAS_DSUM:
-                ds = tl.load(DSUM + _offsets(n, ch, ss, ds_sn, ds_sc, ds_ss, INT64), mask=mask, other=0.0)
-                dx += ds.to(tl.float32)
-            tl.store(DX + _offsets(n, ch, ss, dx_sn, dx_sc, dx_ss, INT64), dx.to(DX.dtype.element_ty), mask=mask)
+                dx += tl.load(DSUM + (srow[:, None] + ss[None, :] * ds_ss), mask=mask, other=0.0).to(tl.float32)
+            if _INTERP and DX.dtype.element_ty == tl.bfloat16:
+                dx = _bf16_rne(dx)
+            tl.store(DX + (orow[:, None] + ss[None, :] * dx_ss), dx.to(DX.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -459,8 +511,8 @@ def _gn_bwd_dx(
             g = grp % G
             mean = tl.load(MEAN + grp).to(tl.float32)
             rstd = tl.load(RSTD + grp).to(tl.float32)
-            t_w = tl.zeros([], tl.float32)
-            t_b = tl.zeros([], tl.float32)
+            t_w = tl.full([], 0.0, tl.float32)
+            t_b = tl.full([], 0.0, tl.float32)
             j = tl.arange(0, BLOCK_SPLIT)
             jm = j < SPLIT
             for c0 in range(0, Cg, BLOCK_C):
@@ -473,10 +525,10 @@ def _gn_bwd_dx(
                     wv = tl.where(cmask, 1.0, 0.0)
                 rows = (n * SPLIT + j).to(tl.int64)[:, None] * C + ch[None, :]
                 pm = jm[:, None] & cmask[None, :]
-                pw = tl.sum(tl.load(DWP + rows, mask=pm, other=0.0), axis=0)
-                pb = tl.sum(tl.load(DBP + rows, mask=pm, other=0.0), axis=0)
-                t_w += tl.sum(pw * wv, axis=0)
-                t_b += tl.sum(pb * wv, axis=0)
+                pw = tl.reduce(tl.load(DWP + rows, mask=pm, other=0.0), 0, _sum_combine)
+                pb = tl.reduce(tl.load(DBP + rows, mask=pm, other=0.0), 0, _sum_combine)
+                t_w += tl.reduce(pw * wv, 0, _sum_combine)
+                t_b += tl.reduce(pb * wv, 0, _sum_combine)
             s_lo = sp * S_CHUNK
             s_hi = tl.minimum(s_lo + S_CHUNK, S)
             _bwd_dx_chunk(DY, XS, W, B, DSUM, DX, n, g, s_lo, s_hi, Cg, mean, rstd, t_b * inv_D, t_w * inv_D,
@@ -497,8 +549,8 @@ def _gn_bwd_dwdb(
     pid = tl.program_id(0)
     ch = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = ch < C
-    acc_w = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
-    acc_b = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+    acc_w = tl.full([BLOCK_R, BLOCK_C], 0.0, tl.float32)
+    acc_b = tl.full([BLOCK_R, BLOCK_C], 0.0, tl.float32)
     for r0 in range(0, ROWS, BLOCK_R):
         rr = r0 + tl.arange(0, BLOCK_R)
         offs = rr.to(tl.int64)[:, None] * C + ch[None, :]
@@ -508,6 +560,12 @@ def _gn_bwd_dwdb(
         if HAS_B:
             acc_b += tl.load(DBP + offs, mask=m, other=0.0)
     if HAS_W:
-        tl.store(DW + ch, tl.sum(acc_w, axis=0).to(DW.dtype.element_ty), mask=cmask)
+        dw = tl.reduce(acc_w, 0, _sum_combine)
+        if _INTERP and DW.dtype.element_ty == tl.bfloat16:
+            dw = _bf16_rne(dw)
+        tl.store(DW + ch, dw.to(DW.dtype.element_ty), mask=cmask)
     if HAS_B:
-        tl.store(DB + ch, tl.sum(acc_b, axis=0).to(DB.dtype.element_ty), mask=cmask)
+        db = tl.reduce(acc_b, 0, _sum_combine)
+        if _INTERP and DB.dtype.element_ty == tl.bfloat16:
+            db = _bf16_rne(db)
+        tl.store(DB + ch, db.to(DB.dtype.element_ty), mask=cmask)

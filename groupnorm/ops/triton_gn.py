@@ -83,9 +83,10 @@ _override: dict = {}
 
 @contextlib.contextmanager
 def config_override(**fields) -> Iterator[None]:
-    """Force fields of :func:`pick_config`'s answer (``split``, ``items``, ``tile``) in the block."""
+    """Force parts of the launch configuration in the block: ``split``, ``items``, ``tile``
+    (see :func:`pick_config`) and ``int64`` (64-bit offsets even for small tensors)."""
     global _override
-    bad = set(fields) - {"split", "items", "tile"}
+    bad = set(fields) - {"split", "items", "tile", "int64"}
     if bad:
         raise TypeError(f"config_override: unknown fields {sorted(bad)}")
     prev, _override = _override, {**_override, **fields}
@@ -218,7 +219,7 @@ def forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residua
     yv = y.view(N, C, S)
     sv = s.view(N, C, S) if s is not None else None
     cfg = pick_config(N, G, Cg, S, xv.stride(1) == 1 and S > 1, _num_sms(x.device))
-    int64 = _needs_int64(xv, rv, yv, sv)
+    int64 = bool(_override.get("int64")) or _needs_int64(xv, rv, yv, sv)
     NG = N * G
     w = weight if weight is not None else xv
     b = bias if bias is not None else xv
@@ -267,7 +268,7 @@ def backward(dy: Tensor, dsum: Optional[Tensor], xs: Tensor, weight: Optional[Te
     mean = mean.reshape(-1).to(torch.float32).contiguous()
     rstd = rstd.reshape(-1).to(torch.float32).contiguous()
     cfg = pick_config(N, G, Cg, S, xsv.stride(1) == 1 and S > 1, _num_sms(xs.device))
-    int64 = _needs_int64(dyv, xsv, dsv, dxv)
+    int64 = bool(_override.get("int64")) or _needs_int64(dyv, xsv, dsv, dxv)
     NG = N * G
     w = weight if weight is not None else xsv
     b = bias if bias is not None else xsv
