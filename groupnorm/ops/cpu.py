@@ -90,14 +90,16 @@ def load_extension():
             if not (build_dir / f"{name}.so").exists():
                 print(f"groupnorm: compiling the CPU kernels once (about a minute); cached in {build_dir}",
                       file=sys.stderr, flush=True)
-            _ext = cpp_extension.load(
+            cpp_extension.load(  # registers torch.ops.groupnorm_cpu.{forward,backward}
                 name=name,
                 sources=[str(_CSRC / f) for f in _SOURCES],
                 extra_cflags=flags,
                 extra_ldflags=["-fopenmp"],
                 build_directory=str(build_dir),
+                is_python_module=False,
                 verbose=False,
             )
+            _ext = torch.ops.groupnorm_cpu
         except Exception as e:  # no compiler / ninja, compile error, ...: fall back, never crash
             _ext_error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
             warnings.warn(

@@ -1,0 +1,252 @@
+"""CPU benchmark: groupnorm's automatic route vs torch native GroupNorm (same process).
+
+    python benchmarks/bench_cpu.py                # full table (markdown) on stdout
+    python benchmarks/bench_cpu.py --quick        # fewer repetitions
+    python benchmarks/bench_cpu.py --only big-128 --dtype bf16 --layout cl
+    python benchmarks/bench_cpu.py --memory       # peak-memory comparison (subprocesses)
+
+Shapes: ``benchmarks/shapes.py`` (CPU_SHAPES), each in fp32/bf16 x NCHW/channels-last, rows:
+
+* ``fwd``          group_norm(x, G, w, b)               vs F.group_norm
+* ``fwd+bwd``      the same, then backward (dx, dw, db)  vs F.group_norm + backward
+* ``silu fwd``     group_norm(..., activation="silu")   vs F.silu(F.group_norm(...)) (eager)
+* ``silu fwd+bwd`` the same with backward
+* ``res+silu fwd+bwd`` group_norm(x, residual=r, activation="silu") vs F.silu(F.group_norm(x + r))
+
+Timing: torch.set_num_threads(2); every repetition runs ours and torch's back to back (the
+order alternates), after warm-up; the table gives medians. "ours" and "torch" are the public
+APIs with their allocations (what a user gets). The GB/s column is the forward *kernel* alone
+writing into a preallocated output (bytes = read x + write y), because a fresh 64 MiB
+allocation is page-faulted and would measure the allocator, not the kernel; "copy GB/s" is
+``y.copy_(x)`` on the same preallocated tensors (the bandwidth ceiling for that size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from shapes import CPU_SHAPES  # noqa: E402
+
+import groupnorm  # noqa: E402
+from groupnorm.ops import cpu as gcpu  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+LAYOUTS = {"nchw": torch.contiguous_format, "cl": None}
+
+
+def cl_format(shape):
+    return torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+
+
+def make(shape, dtype, layout, requires_grad=False):
+    x = torch.randn(shape, dtype=dtype)
+    if layout == "cl":
+        x = x.contiguous(memory_format=cl_format(shape))
+    return x.requires_grad_(requires_grad)
+
+
+def bench_pair(fa, fb, reps, warmup=3):
+    """Median seconds of fa and fb, run interleaved (alternating order)."""
+    for _ in range(warmup):
+        fa(); fb()
+    ta, tb = [], []
+    for i in range(reps):
+        for f, t in ((fa, ta), (fb, tb)) if i % 2 == 0 else ((fb, tb), (fa, ta)):
+            t0 = time.perf_counter()
+            f()
+            t.append(time.perf_counter() - t0)
+    return statistics.median(ta), statistics.median(tb)
+
+
+def bench_one(f, reps, warmup=3):
+    for _ in range(warmup):
+        f()
+    t = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        f()
+        t.append(time.perf_counter() - t0)
+    return statistics.median(t)
+
+
+def rows_for(name, shape, G, dtype_name, layout, reps):
+    dtype = DTYPES[dtype_name]
+    C = shape[1]
+    numel = 1
+    for s in shape:
+        numel *= s
+    esize = torch.empty(0, dtype=dtype).element_size()
+    x = make(shape, dtype, layout)
+    w = torch.randn(C, dtype=dtype)
+    b = torch.randn(C, dtype=dtype)
+    out = []
+
+    # kernel bandwidth (preallocated output) and the copy ceiling for the same tensors
+    y_pre = torch.empty_like(x)
+    t_k = bench_one(lambda: gcpu.forward(x, w, b, None, G, 1e-5, "none", out=y_pre), reps)
+    t_c = bench_one(lambda: y_pre.copy_(x), reps)
+    gbs = 2 * numel * esize / t_k / 1e9
+    copy_gbs = 2 * numel * esize / t_c / 1e9
+    del y_pre
+
+    def add(direction, t_ours, t_ref, vs):
+        out.append(dict(shape=name, dims=shape, G=G, dtype=dtype_name, layout=layout, dir=direction,
+                        ours_ms=t_ours * 1e3, ref_ms=t_ref * 1e3, ratio=t_ref / t_ours, vs=vs,
+                        gbs=gbs if direction == "fwd" else None,
+                        copy_gbs=copy_gbs if direction == "fwd" else None))
+
+    # forward
+    ta, tb = bench_pair(lambda: groupnorm.group_norm(x, G, w, b), lambda: F.group_norm(x, G, w, b), reps)
+    add("fwd", ta, tb, "torch")
+
+    xg = x.detach().clone().requires_grad_(True)
+    wg = w.detach().clone().requires_grad_(True)
+    bg = b.detach().clone().requires_grad_(True)
+    dy = make(shape, dtype, layout)
+
+    def fb(fn):
+        def run():
+            xg.grad = wg.grad = bg.grad = None
+            fn().backward(dy)
+        return run
+
+    ta, tb = bench_pair(fb(lambda: groupnorm.group_norm(xg, G, wg, bg)),
+                        fb(lambda: F.group_norm(xg, G, wg, bg)), reps)
+    add("fwd+bwd", ta, tb, "torch")
+
+    # fused SiLU vs eager GN -> SiLU
+    ta, tb = bench_pair(lambda: groupnorm.group_norm(x, G, w, b, activation="silu"),
+                        lambda: F.silu(F.group_norm(x, G, w, b)), reps)
+    add("silu fwd", ta, tb, "eager GN->SiLU")
+    ta, tb = bench_pair(fb(lambda: groupnorm.group_norm(xg, G, wg, bg, activation="silu")),
+                        fb(lambda: F.silu(F.group_norm(xg, G, wg, bg))), reps)
+    add("silu fwd+bwd", ta, tb, "eager GN->SiLU")
+
+    # fused residual + SiLU vs eager (x + r) -> GN -> SiLU
+    rg = make(shape, dtype, layout, requires_grad=True)
+
+    def fbr(fn):
+        def run():
+            xg.grad = wg.grad = bg.grad = rg.grad = None
+            fn().backward(dy)
+        return run
+
+    ta, tb = bench_pair(fbr(lambda: groupnorm.group_norm(xg, G, wg, bg, activation="silu", residual=rg)),
+                        fbr(lambda: F.silu(F.group_norm(xg + rg, G, wg, bg))), reps)
+    add("res+silu fwd+bwd", ta, tb, "eager add->GN->SiLU")
+    return out
+
+
+def fmt_table(rows):
+    lines = ["| shape | G | dtype | layout | row | ours ms | ref ms | speedup | vs | kernel GB/s | copy GB/s |",
+             "|---|---|---|---|---|---:|---:|---:|---|---:|---:|"]
+    for r in rows:
+        lines.append(
+            f"| {r['shape']} {tuple(r['dims'])} | {r['G']} | {r['dtype']} | {r['layout']} | {r['dir']} | "
+            f"{r['ours_ms']:.3f} | {r['ref_ms']:.3f} | {r['ratio']:.2f}x | {r['vs']} | "
+            + (f"{r['gbs']:.1f} | {r['copy_gbs']:.1f} |" if r["gbs"] is not None else " | |"))
+    return "\n".join(lines)
+
+
+def header():
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n"
+            f"- machine: {cpu}, {os.cpu_count()} cores, torch CPU capability "
+            f"{torch.backends.cpu.get_cpu_capability()}\n"
+            f"- torch {torch.__version__}, {torch.get_num_threads()} threads, python {platform.python_version()}\n")
+
+
+# ----------------------------------------------------------------------------- memory
+_MEM_CHILD = r"""
+import resource, sys, torch, torch.nn.functional as F
+sys.path.insert(0, {bench!r})
+import groupnorm
+torch.set_num_threads(2)
+shape, G, dtype, layout, impl = {args!r}
+dtype = getattr(torch, dtype)
+x = torch.randn(shape, dtype=dtype)
+if layout == "cl":
+    x = x.contiguous(memory_format=torch.channels_last if len(shape) == 4 else torch.channels_last_3d)
+dy = torch.randn_like(x)
+w = torch.randn(shape[1], dtype=dtype, requires_grad=True); b = torch.randn(shape[1], dtype=dtype, requires_grad=True)
+x.requires_grad_(True)
+fn = (lambda: groupnorm.group_norm(x, G, w, b)) if impl == "ours" else (lambda: F.group_norm(x, G, w, b))
+small = torch.randn(2, shape[1], 4, 4, dtype=dtype, requires_grad=True)   # load kernels / extension first
+(groupnorm.group_norm(small, G) if impl == "ours" else F.group_norm(small, G)).sum().backward()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+fn().backward(dy)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((after - before) / 1024)
+"""
+
+
+def memory_rows(shapes):
+    """Peak RSS growth (MiB) of one forward+backward in a fresh process: ours vs torch."""
+    lines = ["| shape | dtype | layout | ours peak +MiB | torch peak +MiB | tensor MiB |", "|---|---|---|---:|---:|---:|"]
+    for name, shape, G in shapes:
+        for dt in ("float32", "bfloat16"):
+            for layout in ("nchw", "cl"):
+                res = {}
+                for impl in ("ours", "torch"):
+                    code = _MEM_CHILD.format(bench=str(Path(__file__).resolve().parent),
+                                             args=(shape, G, dt, layout, impl))
+                    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+                    res[impl] = float(p.stdout.strip().splitlines()[-1])
+                numel = 1
+                for s in shape:
+                    numel *= s
+                mib = numel * (4 if dt == "float32" else 2) / 2**20
+                lines.append(f"| {name} {shape} | {dt} | {layout} | {res['ours']:.1f} | {res['torch']:.1f} | {mib:.1f} |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="7 repetitions instead of 21")
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--only", default=None, help="comma-separated shape names")
+    ap.add_argument("--dtype", default="fp32,bf16")
+    ap.add_argument("--layout", default="nchw,cl")
+    ap.add_argument("--memory", action="store_true", help="peak-memory table instead of timings")
+    a = ap.parse_args()
+    torch.set_num_threads(2)
+    shapes = [s for s in CPU_SHAPES if a.only is None or s[0] in a.only.split(",")]
+    if a.memory:
+        print(header())
+        print(memory_rows(shapes))
+        return
+    reps = a.reps or (7 if a.quick else 21)
+    gcpu.load_extension()
+    print(header() + f"- repetitions: {reps} (median), interleaved with the reference\n")
+    rows = []
+    for name, shape, G in shapes:
+        for dt in a.dtype.split(","):
+            for layout in a.layout.split(","):
+                rows += rows_for(name, shape, G, dt, layout, reps)
+                print(fmt_table(rows[-5:]).split("\n", 2)[2], file=sys.stderr, flush=True)
+    print(fmt_table(rows))
+    worst = min(rows, key=lambda r: r["ratio"])
+    print(f"\nworst speedup: {worst['ratio']:.2f}x ({worst['shape']} {worst['dtype']} {worst['layout']} {worst['dir']})")
+
+
+if __name__ == "__main__":
+    main()
