@@ -9,10 +9,13 @@ specializes stride arguments equal to 1, so the contiguous axis of either layout
 at compile time and vectorized.
 
 Work items. A group (n, g) holds ``D = Cg * S`` values. Its spatial range is cut into
-``SPLIT`` chunks of ``S_CHUNK`` positions; a work item is one (group, chunk) pair,
-``w = group * SPLIT + chunk``, and a program runs ``ITEMS`` consecutive work items.
-``SPLIT > 1, ITEMS = 1`` spreads few big groups over the whole chip; ``SPLIT = 1,
-ITEMS > 1`` packs many tiny groups into one program.
+``SPLIT`` chunks of ``S_CHUNK`` positions; a work item is one (group, chunk) pair, and a
+program runs ``ITEMS`` consecutive work items. ``SPLIT > 1, ITEMS = 1`` spreads few big
+groups over the whole chip; ``SPLIT = 1, ITEMS > 1`` packs many tiny groups into one program.
+Split work items are numbered chunk-major (``w = chunk * N*G + group``): programs that run
+together read the same positions of neighbouring groups, which in channels-last share
+memory sectors (read from DRAM once). The second stage of the split path walks the items in
+reverse, so that it starts on the data the first stage read last (still in L2).
 
 Forward (statistics in fp32, never E[x^2] - E[x]^2)::
 
@@ -268,16 +271,18 @@ def _gn_fwd_stats(
     for it in range(ITEMS):
         w = pid * ITEMS + it
         if w < NG * SPLIT:
-            grp = w // SPLIT
-            s_lo = (w % SPLIT) * S_CHUNK
+            grp = w % NG
+            sp = w // NG
+            pw = grp * SPLIT + sp  # partials are stored group-major
+            s_lo = sp * S_CHUNK
             s_hi = tl.minimum(s_lo + S_CHUNK, S)
             cnt, mean, m2 = _fwd_stats_chunk(
                 X, R, SUM, grp // G, grp % G, s_lo, s_hi, Cg,
                 x_sn, x_sc, x_ss, r_sn, r_sc, r_ss, u_sn, u_sc, u_ss,
                 HAS_RES, BLOCK_C, BLOCK_S, INT64)
-            tl.store(PART + w * 3 + 0, cnt)
-            tl.store(PART + w * 3 + 1, mean)
-            tl.store(PART + w * 3 + 2, m2)
+            tl.store(PART + pw * 3 + 0, cnt)
+            tl.store(PART + pw * 3 + 1, mean)
+            tl.store(PART + pw * 3 + 2, m2)
 
 
 @triton.jit
@@ -298,10 +303,10 @@ def _gn_fwd_norm(
     then normalize this work item's chunk; chunk 0 stores mean/rstd."""
     pid = tl.program_id(0)
     for it in range(ITEMS):
-        w = pid * ITEMS + it
-        if w < NG * SPLIT:
-            grp = w // SPLIT
-            sp = w % SPLIT
+        w = NG * SPLIT - 1 - (pid * ITEMS + it)  # reverse order: L2 still holds the last items of stage 1
+        if w >= 0:
+            grp = w % NG
+            sp = w // NG
             mean, var = _merge_partials(PART, grp * SPLIT * 3, SPLIT, BLOCK_SPLIT)
             rstd = 1.0 / tl.sqrt_rn(var + eps)
             if sp == 0:
@@ -470,8 +475,8 @@ def _gn_bwd_sums(
     for it in range(ITEMS):
         w = pid * ITEMS + it
         if w < NG * SPLIT:
-            grp = w // SPLIT
-            sp = w % SPLIT
+            grp = w % NG
+            sp = w // NG
             n = grp // G
             mean = tl.load(MEAN + grp).to(tl.float32)
             rstd = tl.load(RSTD + grp).to(tl.float32)
@@ -503,10 +508,10 @@ def _gn_bwd_dx(
     order, identical in every program) into mean(dxhat), mean(dxhat * xhat); write dx."""
     pid = tl.program_id(0)
     for it in range(ITEMS):
-        w = pid * ITEMS + it
-        if w < NG * SPLIT:
-            grp = w // SPLIT
-            sp = w % SPLIT
+        w = NG * SPLIT - 1 - (pid * ITEMS + it)  # reverse order: L2 still holds the last items of stage 1
+        if w >= 0:
+            grp = w % NG
+            sp = w // NG
             n = grp // G
             g = grp % G
             mean = tl.load(MEAN + grp).to(tl.float32)
