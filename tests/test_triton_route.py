@@ -59,7 +59,7 @@ def _interpreter():
 # Forced configurations: the split-group path (tiny tiles so that small test groups are cut
 # into several chunks) and the several-groups-per-program path (3 groups per program, so the
 # last program also has out-of-range items).
-SPLIT = dict(split=3, tile=8)
+SPLIT = dict(split=3, tile=16)
 ITEMS = dict(items=3)
 
 
