@@ -166,8 +166,8 @@ CASES = [
     # 64-bit offsets forced on a small tensor (the path of tensors >= 2^31 elements)
     ("int64-cl-res-split", (2, 8, 5, 3), 4, bf16, "channels_last", "gelu", True, "same", dict(SPLIT, int64=True)),
     ("int64-nchw-items", (2, 8, 5, 3), 4, f32, "contiguous", None, False, "same", dict(ITEMS, int64=True)),
-    # default configuration that splits by itself: 2 groups of 9216 values (< 2 * #SMs groups)
-    ("default-split-N1", (1, 2, 96, 96), 2, f32, "contiguous", "silu", False, "same", None),
+    # default configuration that splits by itself: 2 groups of 20480 values (< 2 * #SMs groups)
+    ("default-split-N1", (1, 2, 128, 160), 2, f32, "contiguous", "silu", False, "same", None),
 ]
 
 
@@ -180,7 +180,7 @@ def test_forward_backward_vs_float64_reference(case):
 
 
 def test_default_config_splits_few_big_groups():
-    assert _cfg_of((1, 2, 96, 96), 2, "contiguous", {}).split > 1
+    assert _cfg_of((1, 2, 128, 160), 2, "contiguous", {}).split > 1
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy inside the interpreter: inf - inf
@@ -276,8 +276,13 @@ def test_pick_config_program_shapes():
     c = T.pick_config(512, 32, 8, 49, True, 132)
     assert c.split == 1 and c.items > 1
     # channels-last tiles span the group's channels (the contiguous axis), NCHW tiles the positions
-    assert T.pick_config(2, 32, 60, 1024, True, 132).block_c == 64
-    assert T.pick_config(2, 32, 60, 1024, False, 132).block_s == 1024
+    assert T.pick_config(16, 32, 60, 1024, True, 132).block_c == 64
+    assert T.pick_config(16, 32, 60, 1024, False, 132).block_s == 1024
+    # SDXL (2 x 32 groups of 60 x 1024): split, with tiles short enough to make the chunks
+    c = T.pick_config(2, 32, 60, 1024, False, 132)
+    assert c.split >= 4 and c.block_s >= 32
+    # small groups are not split (launch-bound): SD UNet 8x8 (2 x 32 groups of 40 x 64)
+    assert T.pick_config(2, 32, 40, 64, False, 132).split == 1
 
 
 # ----------------------------------------------------------------------------- compiled path
@@ -291,7 +296,7 @@ def _compile_cases():
         ((2, 6, 3, 4, 5), 3, f32, "channels_last", "relu", True, "same", dict(SPLIT, int64=True)),
         ((2, 6, 4, 3), 6, f16, "channels_last", None, False, None, ITEMS),   # Cg=1 specializes to 1
         ((5, 12), 12, f32, "contiguous", None, False, "weight", {}),         # S=1, Cg=1
-        ((1, 2, 96, 96), 2, bf16, "contiguous", "silu", True, "fp32", {}),   # default split
+        ((1, 2, 128, 160), 2, bf16, "contiguous", "silu", True, "fp32", {}),   # default split
     ]
 
 

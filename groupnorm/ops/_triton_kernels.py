@@ -129,10 +129,14 @@ def _fwd_stats_chunk(
     x_sn, x_sc, x_ss, r_sn, r_sc, r_ss, u_sn, u_sc, u_ss,
     HAS_RES: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr,
 ):
-    """(count, mean, M2) of group (n, g) over positions [s_lo, s_hi); writes SUM = x + r."""
-    cnt = tl.full([], 0.0, tl.float32)
-    mean = tl.full([], 0.0, tl.float32)
-    m2 = tl.full([], 0.0, tl.float32)
+    """(count, mean, M2) of group (n, g) over positions [s_lo, s_hi); writes SUM = x + r.
+
+    Welford per tile lane (each lane of the [BLOCK_C, BLOCK_S] tile keeps its own count,
+    mean and M2 over the tiles it sees), then one Chan merge of the lanes at the end: no
+    cross-lane reduction inside the loop, and no E[x^2] - E[x]^2 cancellation."""
+    cnt = tl.full([BLOCK_C, BLOCK_S], 0.0, tl.float32)
+    mean = tl.full([BLOCK_C, BLOCK_S], 0.0, tl.float32)
+    m2 = tl.full([BLOCK_C, BLOCK_S], 0.0, tl.float32)
     if INT64:
         n = n.to(tl.int64)
     for c0 in range(0, Cg, BLOCK_C):
@@ -160,15 +164,16 @@ def _fwd_stats_chunk(
                     sv = (v + r).to(SUM.dtype.element_ty)
                 tl.store(SUM + (urow[:, None] + ss[None, :] * u_ss), sv, mask=mask)
                 v = sv.to(tl.float32)
-            nt = (tl.minimum(Cg - c0, BLOCK_C) * tl.minimum(s_hi - s0, BLOCK_S)).to(tl.float32)
-            tmean = tl.reduce(tl.reduce(v, 1, _sum_combine), 0, _sum_combine) / nt
-            d = tl.where(mask, v - tmean, 0.0)
-            tm2 = tl.reduce(tl.reduce(d * d, 1, _sum_combine), 0, _sum_combine)
-            tot = cnt + nt
-            delta = tmean - mean
-            mean = mean + delta * (nt / tot)
-            m2 = m2 + tm2 + delta * delta * (cnt * nt / tot)
-            cnt = tot
+            cnt += tl.where(mask, 1.0, 0.0)
+            delta = v - mean
+            mean += tl.where(mask, delta / tl.maximum(cnt, 1.0), 0.0)
+            m2 += tl.where(mask, delta * (v - mean), 0.0)
+    # Chan merge of the lanes (fixed reduction tree)
+    tot = tl.reduce(tl.reduce(cnt, 1, _sum_combine), 0, _sum_combine)
+    gmean = tl.reduce(tl.reduce(cnt * mean, 1, _sum_combine), 0, _sum_combine) / tot
+    d = mean - gmean
+    gm2 = tl.reduce(tl.reduce(m2 + cnt * d * d, 1, _sum_combine), 0, _sum_combine)
+    cnt, mean, m2 = tot, gmean, gm2
     return cnt, mean, m2
 
 
@@ -352,8 +357,8 @@ def _bwd_chunk_sums(
             ch = ch.to(tl.int64)
         xrow = n * xs_sn + ch * xs_sc
         drow = n * dy_sn + ch * dy_sc
-        acc_w = tl.full([BLOCK_C], 0.0, tl.float32)
-        acc_b = tl.full([BLOCK_C], 0.0, tl.float32)
+        acc_w2 = tl.full([BLOCK_C, BLOCK_S], 0.0, tl.float32)
+        acc_b2 = tl.full([BLOCK_C, BLOCK_S], 0.0, tl.float32)
         for s0 in range(s_lo, s_hi, BLOCK_S):
             ss = s0 + tl.arange(0, BLOCK_S)
             mask = cmask[:, None] & (ss < s_hi)[None, :]
@@ -364,8 +369,10 @@ def _bwd_chunk_sums(
             xhat = tl.where(mask, (x - mean) * rstd, 0.0)
             if ACT != 0:
                 dz = tl.where(mask, dz * _act_grad(xhat * wv[:, None] + bv[:, None], ACT), 0.0)
-            acc_b += tl.reduce(dz, 1, _sum_combine)
-            acc_w += tl.reduce(dz * xhat, 1, _sum_combine)
+            acc_b2 += dz
+            acc_w2 += dz * xhat
+        acc_w = tl.reduce(acc_w2, 1, _sum_combine)
+        acc_b = tl.reduce(acc_b2, 1, _sum_combine)
         tl.store(DWP + prow_off, acc_w, mask=cmask)
         tl.store(DBP + prow_off, acc_b, mask=cmask)
         t_w += tl.reduce(acc_w * wv, 0, _sum_combine)

@@ -41,6 +41,9 @@ _ACT = {"none": 0, "silu": 1, "gelu": 2, "relu": 3}
 _KMOD = "groupnorm.ops._triton_kernels"
 # Elements per [BLOCK_C, BLOCK_S] tile (upper bound) and the warps that run it.
 TILE = 4096
+# A group is split only into chunks of at least this many elements (smaller groups are
+# launch-bound anyway; the second stage and the partials would cost more than they save).
+MIN_CHUNK = 8192
 _INT32_MAX = 2**31 - 1
 
 
@@ -115,8 +118,9 @@ def pick_config(N: int, G: int, Cg: int, S: int, channel_contiguous: bool, num_s
 
     * Tile: up to ``tile`` elements; the contiguous axis gets the long side (all Cg channels
       of a pixel for channels-last, a run of positions for NCHW).
-    * Few big groups (N*G below two waves of programs): each group is split along its
-      positions so that about 2 * #SMs programs run (never more chunks than tiles).
+    * Few big groups (N*G below 2 * #SMs): each group is split along its positions so that
+      about 2 * #SMs programs run (tiles get shorter along the positions if needed; never
+      more chunks than tiles).
     * Many small groups (one tile each, N*G above 4 programs per SM): several groups per
       program, to amortize the per-program cost.
     ``split``/``items``/``tile`` (or :func:`config_override`) force the choice.
@@ -134,9 +138,17 @@ def pick_config(N: int, G: int, Cg: int, S: int, channel_contiguous: bool, num_s
         block_s = min(ps, tile)
         block_c = max(1, min(pc, tile // block_s))
     NG = N * G
-    max_split = max(1, triton.cdiv(S, block_s))
     if split is None:
         split = triton.cdiv(2 * num_sms, NG) if NG < 2 * num_sms else 1
+        split = max(1, min(split, group // MIN_CHUNK))
+    if split > 1 and triton.cdiv(S, block_s) < split:
+        # shorter tiles along the positions so that the group can be cut into `split`
+        # chunks, wider along the channels; NCHW keeps runs of >= 32 positions (coalescing),
+        # channels-last keeps >= 1024 elements per tile
+        floor = min(block_s, 32) if not channel_contiguous else min(block_s, max(1, 1024 // block_c))
+        block_s = max(floor, min(block_s, triton.next_power_of_2(triton.cdiv(S, split))))
+        block_c = max(1, min(pc, tile // block_s))
+    max_split = max(1, triton.cdiv(S, block_s))
     split = max(1, min(split, max_split))
     s_chunk = triton.cdiv(triton.cdiv(max(S, 1), split), block_s) * block_s
     split = triton.cdiv(max(S, 1), s_chunk)  # every chunk non-empty
