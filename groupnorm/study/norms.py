@@ -54,6 +54,10 @@ def uses_package_op() -> bool:
     return _PackageGroupNorm is not None
 
 
+def _dist_on() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def _split_ghosts(x: torch.Tensor, ghost_size: int) -> torch.Tensor:
     """View ``x`` of shape (N, C, *) as (K, g, C, M): K ghost batches of g samples."""
     n, c = x.shape[0], x.shape[1]
@@ -121,9 +125,13 @@ class GhostBatchNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.ghost_size
+        if self.training and getattr(self, "_sync", False) and _dist_on():
+            return self._sync_forward(x)
         if not self.training or g is None or g >= x.shape[0]:
             if self.training and x.shape[0] * x[0, 0].numel() == 1:
                 return self._single_value(x)
+            if self.training:
+                self.num_batches_tracked += 1  # F.batch_norm leaves the counter alone
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                                 self.training, self.momentum, self.eps)
         xg, mean, var, count = self.ghost_stats(x, g)
@@ -135,6 +143,29 @@ class GhostBatchNorm(nn.Module):
             self.running_var.lerp_(unbiased.mean(0), self.momentum)
             self.num_batches_tracked += 1
         return self._affine(y.reshape(x.shape))
+
+    def _sync_forward(self, x):
+        # syncbn under torchrun: statistics over the samples of all processes. The sums are
+        # all-reduced with autograd, so gradients flow to every process's samples (this
+        # works with gloo on CPU, where torch.nn.SyncBatchNorm does not).
+        from torch.distributed.nn.functional import all_reduce
+
+        red = [0] + list(range(2, x.dim()))
+        local = torch.cat([x.sum(red), (x * x).sum(red),
+                           x.new_full((1,), float(x.numel() // x.shape[1]))])
+        tot = all_reduce(local)
+        c = self.num_features
+        count = tot[2 * c]
+        mean = tot[:c] / count
+        var = (tot[c:2 * c] / count - mean * mean).clamp_min(0)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        with torch.no_grad():
+            n = float(count)
+            self.running_mean.lerp_(mean.detach(), self.momentum)
+            self.running_var.lerp_(var.detach() * (n / max(n - 1, 1.0)), self.momentum)
+            self.num_batches_tracked += 1
+        return self._affine(y)
 
     def _single_value(self, x):
         # torch raises "Expected more than 1 value per channel"; the normalized value of a
@@ -214,9 +245,9 @@ def _bn(c, *, ghost_size=None, eps=1e-5, momentum=0.1, **_):
 
 def _syncbn(c, *, eps=1e-5, momentum=0.1, **_):
     # Statistics over the whole batch of all devices: in one process that is the whole
-    # (non-ghosted) batch; under torchrun the model converts it to nn.SyncBatchNorm.
+    # (non-ghosted) batch; under torchrun the sums are all-reduced across processes.
     m = GhostBatchNorm(c, ghost_size=None, eps=eps, momentum=momentum)
-    m._sync = True  # set_ghost_size leaves it alone; convert_sync swaps it under DDP
+    m._sync = True  # set_ghost_size leaves it alone; all-reduced under torchrun
     return m
 
 
@@ -339,20 +370,6 @@ def set_ghost_size(model: nn.Module, ghost_size: Optional[int]) -> None:
             m.ghost_size = ghost_size
 
 
-def convert_sync(model: nn.Module) -> nn.Module:
-    """Replace ``syncbn`` layers by :class:`torch.nn.SyncBatchNorm` (for DDP runs)."""
-    for name, child in model.named_children():
-        if getattr(child, "_sync", False):
-            new = nn.SyncBatchNorm(child.num_features, eps=child.eps, momentum=child.momentum)
-            with torch.no_grad():
-                new.weight.copy_(child.weight)
-                new.bias.copy_(child.bias)
-            setattr(model, name, new)
-        else:
-            convert_sync(child)
-    return model
-
-
 def conv_class(factory: NormFactory, dims: int):
     """The convolution class to pair with ``factory`` for ``dims`` spatial dims."""
     if getattr(factory, "conv_ws", False):
@@ -383,4 +400,4 @@ def _make_ws(base):
 _FallbackWS = {1: _make_ws(nn.Conv1d), 2: _make_ws(nn.Conv2d), 3: _make_ws(nn.Conv3d)}
 
 __all__ = ["NORMS", "BATCH_NORMS", "GhostBatchNorm", "BatchRenorm", "register_norm", "resolve_norm",
-           "make_norm", "norm_name", "set_ghost_size", "convert_sync", "conv_class", "uses_package_op"]
+           "make_norm", "norm_name", "set_ghost_size", "conv_class", "uses_package_op"]

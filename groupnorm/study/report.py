@@ -18,7 +18,7 @@ import os
 import statistics
 from collections import defaultdict
 
-from .config import StudyConfig, run_label
+from .config import StudyConfig, batch_independent, run_label
 from .sweep import write_atomic
 
 # Wu & He (ECCV 2018), ResNet-50 on ImageNet, val error (%) at 32/16/8/4/2 images per GPU.
@@ -76,6 +76,12 @@ def markdown_table(rws) -> str:
         lines.append(f"| {label} | " + " | ".join(_fmt(d[n]) if n in d else "" for n in sizes) + " |")
     lines.append("")
     lines.append(f"Validation error (%), median of the last epochs of each run; mean ± std over {nseeds} seed(s).")
+    shared = sorted({r["label"] for r in rws if r["role"] == "main" and batch_independent(r["norm"])
+                     and len({x["total_batch"] for x in rws if x["label"] == r["label"]}) == 1
+                     and len({x["per_device_batch"] for x in rws if x["label"] == r["label"]}) > 1})
+    if shared:
+        lines.append(f"{', '.join(shared)}: per-sample (or whole-step) statistics, so with the same total batch "
+                     "the computation does not depend on the per-device batch; one run per seed fills the row.")
     lines.append("Per-seed values:")
     lines.append("")
     for label, d in g.items():

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+import warnings
 from typing import Optional
 
 import torch
@@ -25,7 +26,7 @@ from torch import nn
 from . import dist
 from .data import Dataset
 from .models import build_model
-from .norms import GhostBatchNorm, convert_sync
+from .norms import GhostBatchNorm
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
@@ -96,7 +97,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 10
 
 
 def train_run(rc: dict, data: Dataset, *, progress: bool = False, desc: str = "",
-              max_steps: Optional[int] = None) -> dict:
+              max_steps: Optional[int] = None, keep_model: bool = False) -> dict:
     """Train one configuration and return its results and curves.
 
     Args:
@@ -105,6 +106,7 @@ def train_run(rc: dict, data: Dataset, *, progress: bool = False, desc: str = ""
         progress (bool): show a tqdm bar with ETA for this run.
         desc (str): the bar's label.
         max_steps (int, optional): stop early (tests only; the result says so).
+        keep_model (bool): also return the trained model under ``"model"``.
 
     Returns:
         dict: ``error`` (median val error % of the last ``median_last`` epochs),
@@ -126,10 +128,12 @@ def train_run(rc: dict, data: Dataset, *, progress: bool = False, desc: str = ""
 
     model = make_model(rc, data)
     if world > 1:
-        convert_sync(model)  # syncbn -> nn.SyncBatchNorm; plain bn stays per process
-        # buffers are not broadcast: each process keeps its own BN running stats (they are
-        # averaged before every evaluation, see dist.average_buffers)
-        ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+        # bn statistics stay per process (syncbn all-reduces its own). Buffers are not
+        # broadcast: each process keeps its own BN running stats; they are averaged before
+        # every evaluation (dist.average_buffers), as ghost batches do in one process.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # broadcast_buffers rename notice
+            ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
     else:
         ddp = model
     opt = torch.optim.SGD(param_groups(model, rc["weight_decay"], rc["wd_norm"]), lr=rc["lr_scaled"],
@@ -183,10 +187,11 @@ def train_run(rc: dict, data: Dataset, *, progress: bool = False, desc: str = ""
             break
     if bar is not None:
         bar.close()
+    dist.average_buffers(model)  # the final model holds the processes' mean BN statistics
 
     epoch_ends = [c["val_err"] for c in curve if abs(c["epoch"] - round(c["epoch"])) < 1e-9]
     last = epoch_ends[-rc["median_last"]:]
-    return dict(
+    out = dict(
         error=100.0 if diverged or not last else statistics.median(last),
         last_val_errs=last,
         final_train_err=curve[-1]["train_err"] if curve else float("nan"),
@@ -195,3 +200,6 @@ def train_run(rc: dict, data: Dataset, *, progress: bool = False, desc: str = ""
         num_params=sum(p.numel() for p in model.parameters()),
         bn_like_layers=sum(isinstance(m, GhostBatchNorm) for m in model.modules()),
     )
+    if keep_model:
+        out["model"] = model
+    return out
