@@ -222,6 +222,21 @@ def test_expanded_upstream_gradient():
     torch.testing.assert_close(w.grad.double(), w64.grad, atol=1e-3, rtol=1e-3)
 
 
+def test_strided_parameters():
+    # weight/bias that are views with stride 2 (read densely after a copy; dense gradients)
+    x = make_input((2, 8, 3, 4), f32, "channels_last")
+    wb = torch.randn(2, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    base = wb.float().requires_grad_()
+    y = groupnorm.group_norm(x, 4, base[0, ::2], base[1, ::2], activation="silu", route="triton")
+    dy = torch.randn_like(y)
+    (g,) = torch.autograd.grad(y, [base], dy)
+    base64 = wb.clone().requires_grad_()
+    y64 = group_norm_ref(x.double(), 4, base64[0, ::2], base64[1, ::2], activation="silu")
+    (g64,) = torch.autograd.grad(y64, [base64], dy.double())
+    torch.testing.assert_close(y.double(), y64, **TOL[f32])
+    torch.testing.assert_close(g.double(), g64, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("shape", [(0, 8, 3, 3), (2, 8, 0), (2, 8, 0, 4)], ids=["N0", "L0", "H0"])
 def test_empty_inputs_launch_nothing(shape):
     # N=0 and empty spatial dims: empty outputs, NaN statistics (mean of nothing), zero dW/dB

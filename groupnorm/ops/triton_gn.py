@@ -185,6 +185,11 @@ def _needs_int64(*ts: Optional[Tensor]) -> bool:
     return False
 
 
+def _on_device(t: Tensor):
+    """Triton launches on the current CUDA device: make it t's."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _geometry(x: Tensor, G: int) -> tuple[int, int, int, int]:
     N, C = x.shape[0], x.shape[1]
     return N, C, C // G if G else 0, math.prod(x.shape[2:])
@@ -225,6 +230,12 @@ def forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residua
         if s is not None:
             s.copy_(x + residual)
         return y, mean, rstd, s
+    with _on_device(x):
+        return _forward(x, weight, bias, residual, G, eps, activation, y, s, mean, rstd)
+
+
+def _forward(x, weight, bias, residual, G, eps, activation, y, s, mean, rstd):
+    N, C, Cg, S = _geometry(x, G)
     K = _kernels()
     xv = _ncs(x, N, C, S)
     rv = _ncs(residual, N, C, S) if residual is not None else None
@@ -233,8 +244,8 @@ def forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residua
     cfg = pick_config(N, G, Cg, S, xv.stride(1) == 1 and S > 1, _num_sms(x.device))
     int64 = bool(_override.get("int64")) or _needs_int64(xv, rv, yv, sv)
     NG = N * G
-    w = weight if weight is not None else xv
-    b = bias if bias is not None else xv
+    w = weight.contiguous() if weight is not None else xv  # the kernels index parameters densely
+    b = bias.contiguous() if bias is not None else xv
     common = dict(HAS_W=weight is not None, HAS_B=bias is not None, ACT=_ACT[activation],
                   BLOCK_C=cfg.block_c, BLOCK_S=cfg.block_s, INT64=int64, num_warps=cfg.num_warps)
     if cfg.split == 1:
@@ -267,11 +278,19 @@ def backward(dy: Tensor, dsum: Optional[Tensor], xs: Tensor, weight: Optional[Te
     G = num_groups
     N, C, Cg, S = _geometry(xs, G)
     dx = torch.empty_like(xs, memory_format=reference.memory_format_of(xs))
-    dw = torch.zeros_like(weight) if weight is not None else None
-    db = torch.zeros_like(bias) if bias is not None else None
+    # dense (C,) gradients, whatever the parameters' strides
+    dw = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device) if weight is not None else None
+    db = torch.zeros(bias.shape, dtype=bias.dtype, device=bias.device) if bias is not None else None
     if xs.numel() == 0:
         # empty sums: zero dW/dB, empty dx
         return dx, dw, db
+    with _on_device(xs):
+        _backward(dy, dsum, xs, weight, bias, mean, rstd, G, activation, dx, dw, db)
+    return dx, dw, db
+
+
+def _backward(dy, dsum, xs, weight, bias, mean, rstd, G, activation, dx, dw, db):
+    N, C, Cg, S = _geometry(xs, G)
     K = _kernels()
     dyv = _ncs(dy, N, C, S)
     xsv = _ncs(xs, N, C, S)
@@ -282,8 +301,8 @@ def backward(dy: Tensor, dsum: Optional[Tensor], xs: Tensor, weight: Optional[Te
     cfg = pick_config(N, G, Cg, S, xsv.stride(1) == 1 and S > 1, _num_sms(xs.device))
     int64 = bool(_override.get("int64")) or _needs_int64(dyv, xsv, dsv, dxv)
     NG = N * G
-    w = weight if weight is not None else xsv
-    b = bias if bias is not None else xsv
+    w = weight.contiguous() if weight is not None else xsv
+    b = bias.contiguous() if bias is not None else xsv
     rows = N * cfg.split
     dwp = torch.empty((rows, C), dtype=torch.float32, device=xs.device)
     dbp = torch.empty((rows, C), dtype=torch.float32, device=xs.device)
@@ -315,7 +334,6 @@ def backward(dy: Tensor, dsum: Optional[Tensor], xs: Tensor, weight: Optional[Te
             dwp, dbp, dw if dw is not None else dwp, db if db is not None else dbp, rows, C,
             HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_R=block_r, BLOCK_C=block_c,
             num_warps=4)
-    return dx, dw, db
 
 
 register_route("triton", forward, backward, supports, priority=20)
