@@ -312,6 +312,8 @@ def _compile_cases():
         ((2, 6, 4, 3), 6, f16, "channels_last", None, False, None, ITEMS),   # Cg=1 specializes to 1
         ((5, 12), 12, f32, "contiguous", None, False, "weight", {}),         # S=1, Cg=1
         ((1, 2, 128, 160), 2, bf16, "contiguous", "silu", True, "fp32", {}),   # default split
+        ((2, 12, 5, 6), 4, f32, "contiguous", "gelu", False, "same", dict(ITEMS, int64=True)),
+        ((2, 12, 5, 6), 4, f16, "strided", "silu", False, "weight", SPLIT),   # act without bias
     ]
 
 
