@@ -3,7 +3,7 @@
 // Two passes over (x, dy): pass 1 reduces, per (n, c), A = sum dz and B = sum dz * xhat
 // (dz = dy * act'(z), z recomputed from x); then per (n, g) c1 = sum_c w_c A / D and
 // c2 = sum_c w_c B / D, dweight = sum_n B, dbias = sum_n A (fixed order over n);
-// pass 2 writes dx = rstd * (dz * w - c1 - xhat * c2) (+ dsum).
+// pass 2 writes dx = (dz * w - c1 - xhat * c2) * rstd (+ dsum).
 // xhat is always formed as (x - mean) * rstd, so a large mean costs no precision.
 #include "group_norm_cpu.h"
 
@@ -70,11 +70,11 @@ void bwd_nchw(const T* dy, const T* dsum, const T* x, const AccT<T>* w, const Ac
       }
       c1 /= S(D);
       c2 /= S(D);
-      const V k1(-rs * c1), k2(-rs * c2);
+      const V k1(c1), k2(c2);
       for (int64_t ci = 0; ci < Cg; ci++) {
         const int64_t c = g * Cg + ci;
         const S wc = w ? w[c] : S(1), bc = b ? b[c] : S(0);
-        const V vw(wc), vb(bc), aw(rs * wc);
+        const V vw(wc), vb(bc);
         const int64_t off = ng * D + ci * HW;
         const T* xr = x + off;
         const T* dyr = dy + off;
@@ -83,7 +83,8 @@ void bwd_nchw(const T* dy, const T* dsum, const T* x, const AccT<T>* w, const Ac
           V xh = (xv - vm) * vr;
           V dz = d;
           if constexpr (ACT != kNone) dz = d * act_grad<ACT>(at::vec::fmadd(xh, vw, vb));
-          return at::vec::fmadd(k2, xh, at::vec::fmadd(dz, aw, k1));
+          // the reference's order: (dz * w - c1 - xhat * c2) * rstd (exact 0 for 1-value groups)
+          return ((dz * vw - k1) - xh * k2) * vr;
         };
         int64_t i = 0;
         for (; i + kV <= HW; i += kV) {
@@ -111,60 +112,61 @@ void bwd_cl(const T* dy, const T* dsum, const T* x, const AccT<T>* w, const AccT
   using V = typename IO<T>::V;
   constexpr int64_t kV = V::size();
   const int64_t Cg = C / G, D = Cg * P;
-  const int64_t nblk = cl_blocks(N, P);
-  std::vector<S> PA(N * nblk * C), PB(N * nblk * C);
+  // A sample whose x and dy fit in L2 is done by one task (pass 2 re-reads it from L2);
+  // otherwise samples are cut into pixel blocks. Shape-only choice: deterministic.
+  const bool fused = N >= 2 && 2 * P * C * int64_t(sizeof(T)) <= (int64_t(3) << 19);
+  const int64_t nblk = fused ? 1 : cl_blocks(N, P);
+  std::vector<S> PA(N * nblk * C), PB(N * nblk * C), K1(N * C), K2(N * C);
 
-  auto fill_channel = [&](int64_t n, S* mc, S* rc, S* wc, S* bc) {
+  struct Scratch {
+    std::vector<S> mc, rc, wc, bc;
+    int64_t n = -1;
+  };
+  auto fill = [&](Scratch& sc, int64_t n) {
+    if (sc.n == n) return;
+    sc.n = n;
+    sc.mc.resize(C); sc.rc.resize(C); sc.wc.resize(C); sc.bc.resize(C);
     for (int64_t c = 0; c < C; c++) {
-      mc[c] = mean[n * G + c / Cg];
-      rc[c] = rstd[n * G + c / Cg];
-      wc[c] = w ? w[c] : S(1);
-      bc[c] = b ? b[c] : S(0);
+      sc.mc[c] = mean[n * G + c / Cg];
+      sc.rc[c] = rstd[n * G + c / Cg];
+      sc.wc[c] = w ? w[c] : S(1);
+      sc.bc[c] = b ? b[c] : S(0);
     }
   };
 
-  // pass 1: per (n, pixel block, c) partial sums of dz and dz * xhat
-  at::parallel_for(0, N * nblk, 1, [&](int64_t beg, int64_t end) {
-    std::vector<S> mc(C), rc(C), wc(C), bc(C);
-    int64_t cur_n = -1;
-    for (int64_t t = beg; t < end; t++) {
-      const int64_t n = t / nblk, bi = t % nblk;
-      if (n != cur_n) {
-        cur_n = n;
-        fill_channel(n, mc.data(), rc.data(), wc.data(), bc.data());
+  // pass 1 over pixels [p0, p1) of sample n: partial sums of dz and dz * xhat per channel
+  auto pass1 = [&](Scratch& sc, int64_t n, int64_t p0, int64_t p1, S* sa, S* sb) {
+    const S* mc = sc.mc.data(); const S* rc = sc.rc.data();
+    const S* wc = sc.wc.data(); const S* bc = sc.bc.data();
+    std::fill(sa, sa + C, S(0));
+    std::fill(sb, sb + C, S(0));
+    for (int64_t p = p0; p < p1; p++) {
+      const T* xr = x + (n * P + p) * C;
+      const T* dyr = dy + (n * P + p) * C;
+      int64_t c = 0;
+      for (; c + kV <= C; c += kV) {
+        V xh = (IO<T>::load(xr + c) - V::loadu(mc + c)) * V::loadu(rc + c);
+        V dz = IO<T>::load(dyr + c);
+        if constexpr (ACT != kNone)
+          dz = dz * act_grad<ACT>(at::vec::fmadd(xh, V::loadu(wc + c), V::loadu(bc + c)));
+        (V::loadu(sa + c) + dz).store(sa + c);
+        at::vec::fmadd(dz, xh, V::loadu(sb + c)).store(sb + c);
       }
-      S* sa = &PA[t * C];
-      S* sb = &PB[t * C];
-      const int64_t p0 = P * bi / nblk, p1 = P * (bi + 1) / nblk;
-      for (int64_t p = p0; p < p1; p++) {
-        const T* xr = x + (n * P + p) * C;
-        const T* dyr = dy + (n * P + p) * C;
-        int64_t c = 0;
-        for (; c + kV <= C; c += kV) {
-          V xh = (IO<T>::load(xr + c) - V::loadu(&mc[c])) * V::loadu(&rc[c]);
-          V dz = IO<T>::load(dyr + c);
-          if constexpr (ACT != kNone)
-            dz = dz * act_grad<ACT>(at::vec::fmadd(xh, V::loadu(&wc[c]), V::loadu(&bc[c])));
-          (V::loadu(sa + c) + dz).store(sa + c);
-          at::vec::fmadd(dz, xh, V::loadu(sb + c)).store(sb + c);
-        }
-        if (c < C) {
-          const int64_t k = C - c;
-          V xh = keep_n((load_n(xr + c, k) - V::loadu(&mc[c], k)) * V::loadu(&rc[c], k), k);
-          V dz = load_n(dyr + c, k);
-          if constexpr (ACT != kNone)
-            dz = dz * act_grad<ACT>(at::vec::fmadd(xh, V::loadu(&wc[c], k), V::loadu(&bc[c], k)));
-          dz = keep_n(dz, k);
-          (V::loadu(sa + c, k) + dz).store(sa + c, k);
-          at::vec::fmadd(dz, xh, V::loadu(sb + c, k)).store(sb + c, k);
-        }
+      if (c < C) {
+        const int64_t k = C - c;
+        V xh = keep_n((load_n(xr + c, k) - V::loadu(mc + c, k)) * V::loadu(rc + c, k), k);
+        V dz = load_n(dyr + c, k);
+        if constexpr (ACT != kNone)
+          dz = dz * act_grad<ACT>(at::vec::fmadd(xh, V::loadu(wc + c, k), V::loadu(bc + c, k)));
+        dz = keep_n(dz, k);
+        (V::loadu(sa + c, k) + dz).store(sa + c, k);
+        at::vec::fmadd(dz, xh, V::loadu(sb + c, k)).store(sb + c, k);
       }
     }
-  });
+  };
 
-  // per (n, c) totals in block order -> A, B; then per (n, g) c1, c2 (stored per channel
-  // as the pass-2 coefficients k1 = -rstd * c1, k2 = -rstd * c2, reusing PA / PB)
-  for (int64_t n = 0; n < N; n++) {
+  // per (n, c) totals in block order -> A, B; per (n, g) c1, c2 -> per-channel K1, K2
+  auto finalize = [&](int64_t n) {
     for (int64_t c = 0; c < C; c++) {
       S a = 0, q = 0;
       for (int64_t bi = 0; bi < nblk; bi++) {
@@ -182,56 +184,74 @@ void bwd_cl(const T* dy, const T* dsum, const T* x, const AccT<T>* w, const AccT
         c1 += wc * A[n * C + c];
         c2 += wc * B[n * C + c];
       }
-      const S rs = rstd[n * G + g];
       for (int64_t ci = 0; ci < Cg; ci++) {
-        PA[n * C + g * Cg + ci] = -rs * (c1 / S(D));
-        PB[n * C + g * Cg + ci] = -rs * (c2 / S(D));
+        K1[n * C + g * Cg + ci] = c1 / S(D);
+        K2[n * C + g * Cg + ci] = c2 / S(D);
       }
     }
-  }
-  // (PA[n*C + c] is only overwritten after every block of sample n was read, and
-  // n * C <= n * nblk * C, so later samples' partials are never clobbered)
+  };
 
-  // pass 2: dx = dz * rstd * w + k1 + k2 * xhat (+ dsum)
+  // pass 2: dx = (dz * w - c1 - xhat * c2) * rstd (+ dsum), the reference's order
+  auto pass2 = [&](Scratch& sc, int64_t n, int64_t p0, int64_t p1) {
+    const S* mc = sc.mc.data(); const S* rc = sc.rc.data();
+    const S* wc = sc.wc.data(); const S* bc = sc.bc.data();
+    const S* k1 = &K1[n * C];
+    const S* k2 = &K2[n * C];
+    for (int64_t p = p0; p < p1; p++) {
+      const int64_t off = (n * P + p) * C;
+      const T* xr = x + off;
+      const T* dyr = dy + off;
+      T* dxr = dx + off;
+      int64_t c = 0;
+      for (; c + kV <= C; c += kV) {
+        V xh = (IO<T>::load(xr + c) - V::loadu(mc + c)) * V::loadu(rc + c);
+        V dz = IO<T>::load(dyr + c);
+        if constexpr (ACT != kNone)
+          dz = dz * act_grad<ACT>(at::vec::fmadd(xh, V::loadu(wc + c), V::loadu(bc + c)));
+        V r = ((dz * V::loadu(wc + c) - V::loadu(k1 + c)) - xh * V::loadu(k2 + c)) * V::loadu(rc + c);
+        if (dsum) r = r + IO<T>::load(dsum + off + c);
+        IO<T>::store(dxr + c, r);
+      }
+      if (c < C) {
+        const int64_t k = C - c;
+        V xh = (load_n(xr + c, k) - V::loadu(mc + c, k)) * V::loadu(rc + c, k);
+        V dz = load_n(dyr + c, k);
+        if constexpr (ACT != kNone)
+          dz = dz * act_grad<ACT>(at::vec::fmadd(xh, V::loadu(wc + c, k), V::loadu(bc + c, k)));
+        V r = ((dz * V::loadu(wc + c, k) - V::loadu(k1 + c, k)) - xh * V::loadu(k2 + c, k)) * V::loadu(rc + c, k);
+        if (dsum) r = r + load_n(dsum + off + c, k);
+        store_n(dxr + c, r, k);
+      }
+    }
+  };
+
+  if (fused) {
+    at::parallel_for(0, N, 1, [&](int64_t beg, int64_t end) {
+      Scratch sc;
+      for (int64_t n = beg; n < end; n++) {
+        fill(sc, n);
+        pass1(sc, n, 0, P, &PA[n * C], &PB[n * C]);
+        finalize(n);
+        pass2(sc, n, 0, P);
+      }
+    });
+    return;
+  }
   at::parallel_for(0, N * nblk, 1, [&](int64_t beg, int64_t end) {
-    std::vector<S> mc(C), rc(C), wc(C), bc(C), aw(C);
-    int64_t cur_n = -1;
+    Scratch sc;
     for (int64_t t = beg; t < end; t++) {
       const int64_t n = t / nblk, bi = t % nblk;
-      if (n != cur_n) {
-        cur_n = n;
-        fill_channel(n, mc.data(), rc.data(), wc.data(), bc.data());
-        for (int64_t c = 0; c < C; c++) aw[c] = rc[c] * wc[c];
-      }
-      const S* k1 = &PA[n * C];
-      const S* k2 = &PB[n * C];
-      const int64_t p0 = P * bi / nblk, p1 = P * (bi + 1) / nblk;
-      for (int64_t p = p0; p < p1; p++) {
-        const int64_t off = (n * P + p) * C;
-        const T* xr = x + off;
-        const T* dyr = dy + off;
-        T* dxr = dx + off;
-        int64_t c = 0;
-        for (; c + kV <= C; c += kV) {
-          V xh = (IO<T>::load(xr + c) - V::loadu(&mc[c])) * V::loadu(&rc[c]);
-          V dz = IO<T>::load(dyr + c);
-          if constexpr (ACT != kNone)
-            dz = dz * act_grad<ACT>(at::vec::fmadd(xh, V::loadu(&wc[c]), V::loadu(&bc[c])));
-          V r = at::vec::fmadd(V::loadu(k2 + c), xh, at::vec::fmadd(dz, V::loadu(&aw[c]), V::loadu(k1 + c)));
-          if (dsum) r = r + IO<T>::load(dsum + off + c);
-          IO<T>::store(dxr + c, r);
-        }
-        if (c < C) {
-          const int64_t k = C - c;
-          V xh = (load_n(xr + c, k) - V::loadu(&mc[c], k)) * V::loadu(&rc[c], k);
-          V dz = load_n(dyr + c, k);
-          if constexpr (ACT != kNone)
-            dz = dz * act_grad<ACT>(at::vec::fmadd(xh, V::loadu(&wc[c], k), V::loadu(&bc[c], k)));
-          V r = at::vec::fmadd(V::loadu(k2 + c, k), xh, at::vec::fmadd(dz, V::loadu(&aw[c], k), V::loadu(k1 + c, k)));
-          if (dsum) r = r + load_n(dsum + off + c, k);
-          store_n(dxr + c, r, k);
-        }
-      }
+      fill(sc, n);
+      pass1(sc, n, P * bi / nblk, P * (bi + 1) / nblk, &PA[t * C], &PB[t * C]);
+    }
+  });
+  for (int64_t n = 0; n < N; n++) finalize(n);
+  at::parallel_for(0, N * nblk, 1, [&](int64_t beg, int64_t end) {
+    Scratch sc;
+    for (int64_t t = beg; t < end; t++) {
+      const int64_t n = t / nblk, bi = t % nblk;
+      fill(sc, n);
+      pass2(sc, n, P * bi / nblk, P * (bi + 1) / nblk);
     }
   });
 }

@@ -24,21 +24,25 @@ void add_round(const T* x, const T* r, T* s, int64_t len) {
   if (i < len) store_n(s + i, load_n(x + i, len - i) + load_n(r + i, len - i), len - i);
 }
 
+// mean of len values, summed as k + sum(x - k) with k = the first value: the shifted terms
+// are of the size of the spread, not of the mean, so a large mean loses no digits here
 template <typename T>
-AccT<T> block_sum(const T* p, int64_t len) {
+AccT<T> block_mean(const T* p, int64_t len) {
   using V = typename IO<T>::V;
   constexpr int64_t kV = V::size();
+  const AccT<T> k = static_cast<AccT<T>>(p[0]);
+  const V vk(k);
   V a0(0), a1(0), a2(0), a3(0);
   int64_t i = 0;
   for (; i + 4 * kV <= len; i += 4 * kV) {
-    a0 += IO<T>::load(p + i);
-    a1 += IO<T>::load(p + i + kV);
-    a2 += IO<T>::load(p + i + 2 * kV);
-    a3 += IO<T>::load(p + i + 3 * kV);
+    a0 += IO<T>::load(p + i) - vk;
+    a1 += IO<T>::load(p + i + kV) - vk;
+    a2 += IO<T>::load(p + i + 2 * kV) - vk;
+    a3 += IO<T>::load(p + i + 3 * kV) - vk;
   }
-  for (; i + kV <= len; i += kV) a0 += IO<T>::load(p + i);
-  if (i < len) a1 += load_n(p + i, len - i);  // zero-filled lanes add nothing
-  return hsum((a0 + a1) + (a2 + a3));
+  for (; i + kV <= len; i += kV) a0 += IO<T>::load(p + i) - vk;
+  if (i < len) a1 += keep_n(load_n(p + i, len - i) - vk, len - i);
+  return k + hsum((a0 + a1) + (a2 + a3)) / AccT<T>(len);
 }
 
 template <typename T>
@@ -111,7 +115,7 @@ void fwd_nchw(const T* x, const T* r, T* s, T* y, const AccT<T>* w, const AccT<T
       for (int64_t off = 0; off < D; off += kB) {
         const int64_t len = std::min(kB, D - off);
         if (r) add_round(x + base + off, r + base + off, s + base + off, len);
-        const S bmean = block_sum(src + off, len) / S(len);
+        const S bmean = block_mean(src + off, len);
         const S bm2 = block_sqdev(src + off, len, bmean);
         chan_combine(cnt, mean, m2, double(len), bmean, bm2);
       }
@@ -137,63 +141,125 @@ void fwd_cl(const T* x, const T* r, T* s, T* y, const AccT<T>* w, const AccT<T>*
   using V = typename IO<T>::V;
   constexpr int64_t kV = V::size();
   const int64_t Cg = C / G;
-  const int64_t nblk = cl_blocks(N, P);
+  // A sample that fits in L2 is done by one task (statistics, then the output while the
+  // sample is still in L2); otherwise samples are cut into pixel blocks, statistics merged
+  // in block order, and the output written by a second parallel sweep. Shape-only choice.
+  const int64_t sample_bytes = P * C * int64_t(sizeof(T)) * (r ? 3 : 1);
+  const bool fused = N >= 2 && sample_bytes <= (int64_t(3) << 19);
+  const int64_t nblk = fused ? 1 : cl_blocks(N, P);
   const int64_t Q = std::max<int64_t>(8, 16384 / C);  // pixels per L1/L2-resident sub-block
   std::vector<S> part_mean(N * nblk * G), part_m2(N * nblk * G);
 
-  at::parallel_for(0, N * nblk, 1, [&](int64_t beg, int64_t end) {
-    std::vector<S> sumc(C), meanc(C), gmean(G), gm2(G);
-    std::vector<double> gcnt(G);
-    for (int64_t t = beg; t < end; t++) {
-      const int64_t n = t / nblk, bi = t % nblk;
-      const int64_t p0 = P * bi / nblk, p1 = P * (bi + 1) / nblk;
-      std::fill(gmean.begin(), gmean.end(), S(0));
-      std::fill(gm2.begin(), gm2.end(), S(0));
-      std::fill(gcnt.begin(), gcnt.end(), 0.0);
-      for (int64_t q0 = p0; q0 < p1; q0 += Q) {
-        const int64_t nq = std::min(Q, p1 - q0);
-        const int64_t off = (n * P + q0) * C;
-        if (r) add_round(x + off, r + off, s + off, nq * C);
-        const T* src = (r ? s : x) + off;
-        // pass A: per-channel sums over the sub-block's pixels -> per-group block mean
-        std::fill(sumc.begin(), sumc.end(), S(0));
-        for (int64_t q = 0; q < nq; q++) {
-          const T* row = src + q * C;
-          int64_t c = 0;
-          for (; c + kV <= C; c += kV) (V::loadu(&sumc[c]) + IO<T>::load(row + c)).store(&sumc[c]);
-          if (c < C) (V::loadu(&sumc[c], C - c) + load_n(row + c, C - c)).store(&sumc[c], C - c);
+  struct Scratch {
+    std::vector<S> sumc, meanc, gmean, gm2;
+    std::vector<double> gcnt;
+  };
+
+  // statistics of pixels [p0, p1) of sample n -> gmean / gm2 (Chan-merged sub-blocks)
+  auto stats = [&](Scratch& sc, int64_t n, int64_t p0, int64_t p1, S* out_mean, S* out_m2) {
+    sc.sumc.resize(C); sc.meanc.resize(C); sc.gmean.assign(G, S(0)); sc.gm2.assign(G, S(0));
+    sc.gcnt.assign(G, 0.0);
+    S* sumc = sc.sumc.data();
+    S* meanc = sc.meanc.data();
+    for (int64_t q0 = p0; q0 < p1; q0 += Q) {
+      const int64_t nq = std::min(Q, p1 - q0);
+      const int64_t off = (n * P + q0) * C;
+      if (r) add_round(x + off, r + off, s + off, nq * C);
+      const T* src = (r ? s : x) + off;
+      // pass A: per-channel sums of x - k_g over the sub-block's pixels -> per-group block
+      // mean k_g + sum / count, with k_g = the group's first value in the sub-block (a shift
+      // of the size of the mean keeps the sums small: no digits lost to a large mean)
+      for (int64_t c = 0; c < C; c++) meanc[c] = static_cast<S>(src[(c / Cg) * Cg]);
+      std::fill(sumc, sumc + C, S(0));
+      for (int64_t q = 0; q < nq; q++) {
+        const T* row = src + q * C;
+        int64_t c = 0;
+        for (; c + kV <= C; c += kV)
+          (V::loadu(sumc + c) + (IO<T>::load(row + c) - V::loadu(meanc + c))).store(sumc + c);
+        if (c < C)
+          (V::loadu(sumc + c, C - c) + (load_n(row + c, C - c) - V::loadu(meanc + c, C - c))).store(sumc + c, C - c);
+      }
+      const S inv = S(1) / S(nq * Cg);
+      for (int64_t g = 0; g < G; g++) {
+        S acc = 0;
+        for (int64_t ci = 0; ci < Cg; ci++) acc += sumc[g * Cg + ci];
+        const S bm = meanc[g * Cg] + acc * inv;
+        for (int64_t ci = 0; ci < Cg; ci++) meanc[g * Cg + ci] = bm;
+      }
+      // pass B: per-channel centred sums of squares (the sub-block is still in cache)
+      std::fill(sumc, sumc + C, S(0));
+      for (int64_t q = 0; q < nq; q++) {
+        const T* row = src + q * C;
+        int64_t c = 0;
+        for (; c + kV <= C; c += kV) {
+          V d = IO<T>::load(row + c) - V::loadu(meanc + c);
+          at::vec::fmadd(d, d, V::loadu(sumc + c)).store(sumc + c);
         }
-        const S inv = S(1) / S(nq * Cg);
-        for (int64_t g = 0; g < G; g++) {
-          S acc = 0;
-          for (int64_t ci = 0; ci < Cg; ci++) acc += sumc[g * Cg + ci];
-          const S bm = acc * inv;
-          for (int64_t ci = 0; ci < Cg; ci++) meanc[g * Cg + ci] = bm;
-        }
-        // pass B: per-channel centred sums of squares (the sub-block is still in cache)
-        std::fill(sumc.begin(), sumc.end(), S(0));
-        for (int64_t q = 0; q < nq; q++) {
-          const T* row = src + q * C;
-          int64_t c = 0;
-          for (; c + kV <= C; c += kV) {
-            V d = IO<T>::load(row + c) - V::loadu(&meanc[c]);
-            at::vec::fmadd(d, d, V::loadu(&sumc[c])).store(&sumc[c]);
-          }
-          if (c < C) {
-            V d = keep_n(load_n(row + c, C - c) - V::loadu(&meanc[c], C - c), C - c);
-            at::vec::fmadd(d, d, V::loadu(&sumc[c], C - c)).store(&sumc[c], C - c);
-          }
-        }
-        for (int64_t g = 0; g < G; g++) {
-          S acc = 0;
-          for (int64_t ci = 0; ci < Cg; ci++) acc += sumc[g * Cg + ci];
-          chan_combine(gcnt[g], gmean[g], gm2[g], double(nq * Cg), meanc[g * Cg], acc);
+        if (c < C) {
+          V d = keep_n(load_n(row + c, C - c) - V::loadu(meanc + c, C - c), C - c);
+          at::vec::fmadd(d, d, V::loadu(sumc + c, C - c)).store(sumc + c, C - c);
         }
       }
       for (int64_t g = 0; g < G; g++) {
-        part_mean[t * G + g] = gmean[g];
-        part_m2[t * G + g] = gm2[g];
+        S acc = 0;
+        for (int64_t ci = 0; ci < Cg; ci++) acc += sumc[g * Cg + ci];
+        chan_combine(sc.gcnt[g], sc.gmean[g], sc.gm2[g], double(nq * Cg), meanc[g * Cg], acc);
       }
+    }
+    for (int64_t g = 0; g < G; g++) {
+      out_mean[g] = sc.gmean[g];
+      out_m2[g] = sc.gm2[g];
+    }
+  };
+
+  // y = act((x - mean_g) * rstd_g * w_c + b_c) for pixels [p0, p1) of sample n
+  auto apply = [&](Scratch& sc, int64_t n, int64_t p0, int64_t p1) {
+    sc.sumc.resize(C); sc.meanc.resize(C); sc.gmean.resize(C);
+    S* mc = sc.meanc.data();
+    S* scl = sc.sumc.data();
+    S* bc = sc.gmean.data();
+    for (int64_t c = 0; c < C; c++) {
+      const int64_t g = c / Cg;
+      mc[c] = mean_o[n * G + g];
+      scl[c] = rstd_o[n * G + g] * (w ? w[c] : S(1));
+      bc[c] = b ? b[c] : S(0);
+    }
+    const T* src = (r ? s : x) + (n * P) * C;
+    T* dst = y + (n * P) * C;
+    for (int64_t p = p0; p < p1; p++) {
+      const T* row = src + p * C;
+      T* out = dst + p * C;
+      int64_t c = 0;
+      for (; c + kV <= C; c += kV) {
+        V z = at::vec::fmadd(IO<T>::load(row + c) - V::loadu(mc + c), V::loadu(scl + c), V::loadu(bc + c));
+        IO<T>::store(out + c, act_fwd<ACT>(z));
+      }
+      if (c < C) {
+        const int64_t k = C - c;
+        V z = at::vec::fmadd(load_n(row + c, k) - V::loadu(mc + c, k), V::loadu(scl + c, k), V::loadu(bc + c, k));
+        store_n(out + c, act_fwd<ACT>(z), k);
+      }
+    }
+  };
+
+  if (fused) {
+    at::parallel_for(0, N, 1, [&](int64_t beg, int64_t end) {
+      Scratch sc;
+      for (int64_t n = beg; n < end; n++) {
+        stats(sc, n, 0, P, &part_mean[n * G], &part_m2[n * G]);
+        for (int64_t g = 0; g < G; g++)
+          finish_stats(part_mean[n * G + g], part_m2[n * G + g], Cg * P, eps, mean_o + n * G + g, rstd_o + n * G + g);
+        apply(sc, n, 0, P);
+      }
+    });
+    return;
+  }
+
+  at::parallel_for(0, N * nblk, 1, [&](int64_t beg, int64_t end) {
+    Scratch sc;
+    for (int64_t t = beg; t < end; t++) {
+      const int64_t n = t / nblk, bi = t % nblk;
+      stats(sc, n, P * bi / nblk, P * (bi + 1) / nblk, &part_mean[t * G], &part_m2[t * G]);
     }
   });
 
@@ -211,38 +277,11 @@ void fwd_cl(const T* x, const T* r, T* s, T* y, const AccT<T>* w, const AccT<T>*
     }
   }
 
-  // y = act((x - mean_g) * rstd_g * w_c + b_c), vectorized over the channels of a pixel
   at::parallel_for(0, N * nblk, 1, [&](int64_t beg, int64_t end) {
-    std::vector<S> mc(C), sc(C), bc(C);
-    int64_t cur_n = -1;
+    Scratch sc;
     for (int64_t t = beg; t < end; t++) {
       const int64_t n = t / nblk, bi = t % nblk;
-      if (n != cur_n) {
-        cur_n = n;
-        for (int64_t c = 0; c < C; c++) {
-          const int64_t g = c / Cg;
-          mc[c] = mean_o[n * G + g];
-          sc[c] = rstd_o[n * G + g] * (w ? w[c] : S(1));
-          bc[c] = b ? b[c] : S(0);
-        }
-      }
-      const int64_t p0 = P * bi / nblk, p1 = P * (bi + 1) / nblk;
-      const T* src = (r ? s : x) + (n * P) * C;
-      T* dst = y + (n * P) * C;
-      for (int64_t p = p0; p < p1; p++) {
-        const T* row = src + p * C;
-        T* out = dst + p * C;
-        int64_t c = 0;
-        for (; c + kV <= C; c += kV) {
-          V z = at::vec::fmadd(IO<T>::load(row + c) - V::loadu(&mc[c]), V::loadu(&sc[c]), V::loadu(&bc[c]));
-          IO<T>::store(out + c, act_fwd<ACT>(z));
-        }
-        if (c < C) {
-          const int64_t k = C - c;
-          V z = at::vec::fmadd(load_n(row + c, k) - V::loadu(&mc[c], k), V::loadu(&sc[c], k), V::loadu(&bc[c], k));
-          store_n(out + c, act_fwd<ACT>(z), k);
-        }
-      }
+      apply(sc, n, P * bi / nblk, P * (bi + 1) / nblk);
     }
   });
 }
