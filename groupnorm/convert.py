@@ -77,6 +77,7 @@ class ConversionReport:
 
     model: nn.Module  #: the converted model (use this, see the module docstring)
     kind: str  #: e.g. ``"BatchNorm -> GroupNorm"``
+    searched: str = "matching"  #: what the converter looks for, e.g. ``"BatchNorm"``
     replaced: list[Replacement] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  #: (path, reason)
 
@@ -93,8 +94,7 @@ class ConversionReport:
 
     def __str__(self) -> str:
         if not self.replaced:
-            what = self.kind.split(" -> ")[0]
-            lines = [f"{self.kind}: no {what} modules found; the model is unchanged"]
+            lines = [f"{self.kind}: no {self.searched} modules found; the model is unchanged"]
         else:
             lines = [f"{self.kind}: replaced {len(self.replaced)} module(s)"]
             for r in self.replaced:
@@ -124,6 +124,7 @@ def _replace_modules(
     make: Callable[[str, nn.Module], Optional[tuple[nn.Module, Replacement]]],
     kind: str,
     inplace: bool,
+    searched: str = "matching",
 ) -> ConversionReport:
     """Replace every module for which ``make(path, module)`` returns ``(new, record)``.
 
@@ -134,7 +135,7 @@ def _replace_modules(
         raise TypeError(f"groupnorm.convert: expected an nn.Module, got {type(model).__name__}")
     if not inplace:
         model = copy.deepcopy(model)
-    report = ConversionReport(model=model, kind=kind)
+    report = ConversionReport(model=model, kind=kind, searched=searched)
     new_of: dict[int, tuple[nn.Module, Replacement]] = {}
     visited: set[int] = set()
 
@@ -292,7 +293,7 @@ def convert(
         return _finish(new, m), rec
 
     report_skips: list[tuple[str, str]] = []
-    report = _replace_modules(model, make, "BatchNorm -> GroupNorm", inplace)
+    report = _replace_modules(model, make, "BatchNorm -> GroupNorm", inplace, "BatchNorm")
     report.skipped.extend(report_skips)
     logger.info("%s", report)
     return report
@@ -442,7 +443,7 @@ def convert_to_batchnorm(
         return _finish(new, m), rec
 
     skips: list[tuple[str, str]] = []
-    report = _replace_modules(model, make, "GroupNorm -> BatchNorm", inplace=True)
+    report = _replace_modules(model, make, "GroupNorm -> BatchNorm", True, "GroupNorm")
     report.skipped.extend(skips)
     logger.info("%s", report)
     return report
@@ -486,8 +487,8 @@ def fuse(model: nn.Module, *, activations: bool = True, inplace: bool = True) ->
             new.weight, new.bias = m.weight, m.bias
         return _finish(new, m), Replacement(path, "torch.nn.GroupNorm", "GroupNorm", m.num_channels, m.num_groups)
 
-    report = _replace_modules(model, make, "torch.nn.GroupNorm -> GroupNorm", inplace)
-    report.kind = "GroupNorm fusion"
+    report = _replace_modules(model, make, "GroupNorm fusion", inplace,
+                              "torch.nn.GroupNorm or fusable GroupNorm + activation")
     if not activations:
         return report
     root = report.model
@@ -562,7 +563,7 @@ def convert_ws(
                                             f"eps={eps}")
 
     skips: list[tuple[str, str]] = []
-    report = _replace_modules(model, make, "Conv -> WSConv", inplace)
+    report = _replace_modules(model, make, "Conv -> WSConv", inplace, "Conv1d/Conv2d/Conv3d")
     report.skipped.extend(skips)
     logger.info("%s", report)
     return report

@@ -415,7 +415,11 @@ def test_fuse_gn_without_bias_and_own_gn_followed_by_act():
 
 def test_fuse_without_gn_reports_nothing():
     report = fuse(nn.Sequential(nn.Linear(2, 2), nn.SiLU()))
-    assert not report and "no" in str(report)
+    assert not report and "no torch.nn.GroupNorm or fusable GroupNorm + activation modules found" in str(report)
+    report = convert_ws(nn.Sequential(nn.Linear(2, 2)))
+    assert not report and "no Conv1d/Conv2d/Conv3d modules found; the model is unchanged" in str(report)
+    report = convert_to_batchnorm(nn.Sequential(nn.Linear(2, 2)), dim=2)
+    assert not report and "no GroupNorm modules found" in str(report)
 
 
 # ---------------------------------------------------------------- conv -> WS conv
