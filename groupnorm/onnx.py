@@ -10,9 +10,11 @@ exporter, which needs the ``onnxscript`` package:
 * **opset 18-20**: opset 18's ``GroupNormalization`` took *per-group* scale and bias, so it
   cannot express PyTorch's per-channel affine; the op is decomposed instead:
   ``Reshape(N, G, -1) -> ReduceMean -> Sub -> Mul -> ReduceMean -> Add(eps) -> Sqrt ->
-  Div -> Reshape(shape of x) -> Mul(weight) -> Add(bias)``, then the activation (GELU as
-  ``0.5 * x * (1 + Erf(x / sqrt 2))``).
-* **opset < 18**: :class:`UnsupportedOpsetError` (the dynamo exporter itself starts at 18).
+  Reciprocal -> Mul -> Reshape(shape of x) -> Mul(weight) -> Add(bias)``, then the
+  activation (GELU: the ``Gelu`` op from opset 20, before that ``0.5 * x * (1 + Erf(x /
+  sqrt 2))``).
+* **opset < 18**: :class:`UnsupportedOpsetError` (the decomposition uses opset 18's
+  ``ReduceMean`` with axes as an input, and the standard node needs 21).
 
 In both, a fused residual becomes an ``Add`` before the normalization (its result is also
 the op's ``sum`` output), half-precision inputs are normalized in fp32 and cast back, and
