@@ -3,15 +3,14 @@ r"""Model surgery: put GroupNorm (and Weight Standardization) into models that e
 Four converters, each walking the whole module tree (``nn.Sequential``, ``nn.ModuleList``,
 ``nn.ModuleDict``, any nesting) and returning a :class:`ConversionReport`:
 
-=========================  ================================================================
-:func:`convert`            BatchNorm1d/2d/3d, SyncBatchNorm → :class:`groupnorm.GroupNorm`
-:func:`convert_to_batchnorm` GroupNorm (this package's or ``torch.nn``'s) → BatchNorm, for
-                           comparisons
-:func:`fuse`               ``torch.nn.GroupNorm`` → :class:`groupnorm.GroupNorm`, and a
-                           GroupNorm directly followed by SiLU/GELU/ReLU in an
-                           ``nn.Sequential`` → one fused module (same outputs)
-:func:`convert_ws`         Conv1d/2d/3d → :class:`groupnorm.ws.WSConv1d`/2d/3d
-=========================  ================================================================
+* :func:`convert`: BatchNorm1d/2d/3d and SyncBatchNorm → :class:`groupnorm.GroupNorm`.
+* :func:`convert_to_batchnorm`: GroupNorm (this package's or ``torch.nn``'s) → BatchNorm,
+  the reverse direction, for comparisons.
+* :func:`fuse`: ``torch.nn.GroupNorm`` → :class:`groupnorm.GroupNorm`, and a GroupNorm
+  directly followed by SiLU/GELU/ReLU in an ``nn.Sequential`` → one fused module (same
+  outputs).
+* :func:`convert_ws`: Conv1d/2d/3d → :class:`groupnorm.ws.WSConv1d`/``2d``/``3d``
+  (Weight Standardization).
 
 Common rules:
 
@@ -21,15 +20,16 @@ Common rules:
   ``report.model``.
 * Parameters are **reused**, not copied: the new module holds the very ``weight``/``bias``
   ``nn.Parameter`` objects of the old one, so device, dtype, ``requires_grad`` and an
-  optimizer built before the conversion all stay valid. Buffers, device and dtype of
-  modules without parameters follow the old module, and so does the train/eval mode.
+  optimizer built before the conversion all stay valid. New parameters (and modules
+  without any) take the device and dtype of the old module's buffers. Each new module
+  keeps the old one's train/eval mode.
 * A module instance reached through several paths (weight sharing) becomes **one** new
   instance used at all of them; the report lists the other paths as ``aliases``.
 * Hooks registered on a replaced module are not carried over.
 
 The group-count rule of :func:`convert` (``fallback="divisor"``, the default): with
 ``num_groups=G``, a BatchNorm with C channels gets the **largest divisor of C not above
-G** (C=30, G=32 → 30; C=48, G=32 → 24; a prime C=31 → 1; C=1 → 1); with
+G** (G=32: C=30 → 30, C=48 → 24, a prime C=37 → 1, C=1 → 1); with
 ``group_size=S``, the **smallest divisor of C not below S** channels per group (never
 smaller groups than asked; S > C → one group). ``fallback="error"`` raises instead of
 adapting. Every adapted choice is listed in the report.
@@ -40,7 +40,7 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn

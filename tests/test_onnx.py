@@ -13,7 +13,6 @@ pytest.importorskip("onnxscript")
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-import groupnorm  # noqa: E402
 import groupnorm.onnx as gx  # noqa: E402
 from _integration_models import TinyResNet, UNetResBlock  # noqa: E402
 from groupnorm import GroupNorm  # noqa: E402
