@@ -282,7 +282,9 @@ def export(
             exporter (uses ``input_names``/``output_names``/``dynamic_axes``; always emits
             the opset-18 decomposition).
         **export_kwargs: passed on to :func:`torch.onnx.export` (e.g. ``optimize``,
-            ``external_data``).
+            ``verify``). Note torch's default ``external_data=True``: the weights are
+            written to ``f + ".data"`` beside the model (keep the two together); pass
+            ``external_data=False`` for one self-contained file (models under 2 GB).
 
     Returns:
         The ``torch.onnx.ONNXProgram`` (dynamo) or ``None`` (legacy exporter).
