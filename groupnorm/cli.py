@@ -26,8 +26,10 @@ def main(argv=None) -> int:
         print(f"groupnorm: error: {e}", file=sys.stderr)
         return 2
     if ns.list_norms:
+        from .study.norms import DESCRIPTIONS
+
         for name, f in NORMS.items():
-            print(f"{name:12s} {(f.__doc__ or '').strip().splitlines()[0] if f.__doc__ else f.__name__}")
+            print(f"{name:12s} {DESCRIPTIONS.get(name, getattr(f, '__name__', repr(f)))}")
         return 0
     if ns.dry_run:
         from .study.config import run_label

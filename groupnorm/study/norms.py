@@ -29,29 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:  # the package's own op (required in the released package)
-    from groupnorm import GroupNorm as _PackageGroupNorm
-except ImportError:  # pragma: no cover - only while the op is being written
-    _PackageGroupNorm = None
-
-try:
-    from groupnorm.ws import WSConv1d, WSConv2d, WSConv3d
-except ImportError:  # pragma: no cover - only while the op is being written
-    WSConv1d = WSConv2d = WSConv3d = None
+from groupnorm import GroupNorm
+from groupnorm.ws import WSConv1d, WSConv2d, WSConv3d
 
 
 def _group_norm(num_groups, num_channels, eps=1e-5, *, group_size=None):
-    """Build the package's ``GroupNorm`` (falls back to torch's only during development)."""
-    if _PackageGroupNorm is not None:
-        return _PackageGroupNorm(num_groups, num_channels, eps=eps, group_size=group_size)
-    if num_groups is None:
-        num_groups = num_channels // group_size
-    return nn.GroupNorm(num_groups, num_channels, eps=eps)
-
-
-def uses_package_op() -> bool:
-    """True when GN layers of the study are this package's op (not ``torch.nn.GroupNorm``)."""
-    return _PackageGroupNorm is not None
+    """This package's ``GroupNorm`` (the op the study is about)."""
+    return GroupNorm(num_groups, num_channels, eps=eps, group_size=group_size)
 
 
 def _dist_on() -> bool:
@@ -373,31 +357,21 @@ def set_ghost_size(model: nn.Module, ghost_size: Optional[int]) -> None:
 def conv_class(factory: NormFactory, dims: int):
     """The convolution class to pair with ``factory`` for ``dims`` spatial dims."""
     if getattr(factory, "conv_ws", False):
-        if WSConv2d is None:
-            return _FallbackWS[dims]
         return {1: WSConv1d, 2: WSConv2d, 3: WSConv3d}[dims]
     return {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
 
 
-def _ws_weight(w, eps):
-    flat = w.reshape(w.shape[0], -1)
-    mean = flat.mean(1, keepdim=True)
-    var = flat.var(1, unbiased=False, keepdim=True)
-    return ((flat - mean) * torch.rsqrt(var + eps)).reshape(w.shape)
+#: one line per registered norm, for ``groupnorm --list-norms``
+DESCRIPTIONS = {
+    "bn": "BatchNorm, statistics per device (ghost batch of --batch-sizes)",
+    "syncbn": "BatchNorm over all devices of a step (all-reduced under torchrun)",
+    "batchrenorm": "Batch Renormalization (Ioffe 2017), r/d clipped at --rmax/--dmax",
+    "ln": "LayerNorm = GroupNorm with G=1 (groupnorm.GroupNorm)",
+    "in": "InstanceNorm = GroupNorm with one channel per group (groupnorm.GroupNorm)",
+    "gn": "GroupNorm (groupnorm.GroupNorm), --gn-groups or --gn-group-size",
+    "gn+ws": "GroupNorm + Weight Standardized convolutions (groupnorm.ws)",
+    "none": "no normalization (convolutions get a bias)",
+}
 
-
-def _make_ws(base):
-    class _WS(base):  # pragma: no cover - used only until groupnorm.ws exists
-        def __init__(self, *a, eps=1e-5, **k):
-            super().__init__(*a, **k)
-            self.ws_eps = eps
-
-        def forward(self, x):
-            return self._conv_forward(x, _ws_weight(self.weight, self.ws_eps), self.bias)
-    return _WS
-
-
-_FallbackWS = {1: _make_ws(nn.Conv1d), 2: _make_ws(nn.Conv2d), 3: _make_ws(nn.Conv3d)}
-
-__all__ = ["NORMS", "BATCH_NORMS", "GhostBatchNorm", "BatchRenorm", "register_norm", "resolve_norm",
-           "make_norm", "norm_name", "set_ghost_size", "conv_class", "uses_package_op"]
+__all__ = ["NORMS", "BATCH_NORMS", "DESCRIPTIONS", "GhostBatchNorm", "BatchRenorm", "register_norm",
+           "resolve_norm", "make_norm", "norm_name", "set_ghost_size", "conv_class"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import datetime
 import io
+import json
 import os
 import statistics
 from collections import defaultdict
@@ -90,6 +91,23 @@ def markdown_table(rws) -> str:
     return "\n".join(lines) + "\n"
 
 
+def train_error_table(rws) -> str:
+    """Last-epoch training error (%) in train mode (batch statistics), mean over seeds."""
+    g = defaultdict(lambda: defaultdict(list))
+    for r in rws:
+        if r["role"] == "main":
+            g[r["label"]][r["per_device_batch"]].append(r["final_train_err"])
+    if not g:
+        return ""
+    sizes = sorted({n for d in g.values() for n in d}, reverse=True)
+    lines = ["| training error, last epoch | " + " | ".join(str(n) for n in sizes) + " |",
+             "|---|" + "---:|" * len(sizes)]
+    for label, d in g.items():
+        lines.append(f"| {label} | " + " | ".join(f"{statistics.mean(d[n]):.2f}" if n in d else "" for n in sizes)
+                     + " |")
+    return "\n".join(lines) + "\n"
+
+
 def ablation_table(rws, batch: int) -> str:
     """GN group-count ablation at one per-device batch (paper Table 3), LN/IN included."""
     ent = defaultdict(list)
@@ -143,24 +161,34 @@ def plot_error_vs_batch(path, rws) -> bool:
     g = main_grid(rws)
     if not g:
         return False
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, d in g.items():
-        ns = sorted(d, reverse=True)
-        ms = [_stats(d[n])[0] for n in ns]
-        ss = [_stats(d[n])[1] for n in ns]
-        ax.errorbar(ns, ms, yerr=ss, marker="o", capsize=3, label=label)
-        for n in ns:  # every seed as a faint dot
-            ax.scatter([n] * len(d[n]), d[n], s=8, alpha=0.35, color=ax.lines[-1].get_color())
-    ax.set_xscale("log", base=2)
+    means = sorted(_stats(v)[0] for d in g.values() for v in d.values())
+    med = means[len(means) // 2]
+    inliers = [m for m in means if m <= 1.5 * med]
+    zoom = len(inliers) < len(means)  # an outlier (e.g. BN at 1 image) would flatten the rest
+    fig, axes = plt.subplots(1, 2 if zoom else 1, figsize=(11 if zoom else 6, 4), squeeze=False)
     allns = sorted({n for d in g.values() for n in d}, reverse=True)
-    ax.set_xticks(allns)
-    ax.set_xticklabels([str(n) for n in allns])
-    ax.invert_xaxis()
-    ax.set_xlabel("images per device (per-device batch)")
-    ax.set_ylabel("validation error (%)")
-    ax.set_title("Error vs batch size (bars: std over seeds, dots: seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    for i, ax in enumerate(axes[0]):
+        for label, d in g.items():
+            ns = sorted(d, reverse=True)
+            ms = [_stats(d[n])[0] for n in ns]
+            ss = [_stats(d[n])[1] for n in ns]
+            line = ax.errorbar(ns, ms, yerr=ss, marker="o", capsize=3, label=label)
+            for n in ns:  # every seed as a faint dot
+                ax.scatter([n] * len(d[n]), d[n], s=8, alpha=0.35, color=line[0].get_color())
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(allns)
+        ax.set_xticklabels([str(n) for n in allns])
+        ax.set_xlim(max(allns) * 1.3, min(allns) / 1.3)  # large to small, like the paper
+        ax.set_xlabel("images per device (per-device batch)")
+        ax.set_ylabel("validation error (%)")
+        ax.grid(alpha=0.3)
+        if i == 1:
+            span = max(inliers) - min(inliers)
+            ax.set_ylim(min(inliers) - 0.15 * span - 0.5, max(inliers) + 0.15 * span + 0.5)
+            ax.set_title("zoom (points above the frame are off-scale)")
+        else:
+            ax.set_title("Error vs batch size (bars: std over seeds, dots: seeds)")
+            ax.legend()
     _save_fig(fig, path)
     plt.close(fig)
     return True
@@ -181,9 +209,12 @@ def plot_curves(path, pairs) -> bool:
     seed0 = min(rc["seed"] for rc, _ in main)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=False)
     colors = {}
+    keys_at_large = {rc["key"] for rc, _ in main if rc["per_device_batch"] == show[0]}
     for rc, r in main:
         if rc["seed"] != seed0 or rc["per_device_batch"] not in show:
             continue
+        if rc["per_device_batch"] != show[0] and rc["key"] in keys_at_large:
+            continue  # same computation as the solid curve (batch-independent norm)
         label = run_label(rc)
         if label not in colors:
             colors[label] = f"C{len(colors)}"
@@ -258,9 +289,18 @@ def write_outputs(cfg: StudyConfig, pairs, *, data, machine, trained, wall_s) ->
     return files
 
 
+def _saved_data_desc(cfg) -> str:
+    """The data description the sweep saved in study.json (for --report-only)."""
+    try:
+        with open(os.path.join(cfg.out, "study.json")) as f:
+            return json.load(f)["data"]
+    except (OSError, KeyError, ValueError):
+        return cfg.data
+
+
 def report_text(cfg, pairs, rws, table, abl, data, machine, trained, wall_s, files) -> str:
     """The Markdown report: what was run, on what, how long, results, departures from the paper."""
-    run_time = sum(r["time_s"] for r in rws)
+    run_time = sum({r["key"]: r["time_s"] for r in rws}.values())  # each distinct run once
     any_rc = pairs[0][0] if pairs else {}
     n_params = next((r["num_params"] for _, r in pairs if r), None)
     model = (f"plain VGG-style net, stages {cfg.widths} x {cfg.convs_per_stage} conv3x3-norm-ReLU"
@@ -271,7 +311,7 @@ def report_text(cfg, pairs, rws, table, abl, data, machine, trained, wall_s, fil
          f"Generated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC} by groupnorm "
          f"{machine.get('groupnorm')}.", "",
          "## What was run", "",
-         f"- Data: {data.describe() if data is not None else cfg.data}",
+         f"- Data: {data.describe() if data is not None else _saved_data_desc(cfg)}",
          f"- Model: {model}" + (f", {n_params:,} parameters" if n_params else ""),
          f"- Norms: {', '.join(dict.fromkeys(r['label'] for r in rws))}",
          f"- Per-device batch sizes: {cfg.batch_sizes}; seeds: {cfg.seeds}",
@@ -285,7 +325,7 @@ def report_text(cfg, pairs, rws, table, abl, data, machine, trained, wall_s, fil
          f"- Machine: {machine.get('cpu')}, {machine.get('cores')} cores, {machine.get('threads')} torch threads, "
          f"{machine.get('processes')} process(es), GPU: {machine.get('gpu') or 'none'}",
          f"- torch {machine.get('torch')}, Python {machine.get('python')}, {machine.get('platform')}",
-         f"- {len(rws)} runs; training time summed over runs {run_time:.0f} s"
+         f"- {len({r['key'] for r in rws})} distinct runs ({len(rws)} table cells); training time summed over runs {run_time:.0f} s"
          + (f"; this invocation: {trained} run(s) trained, wall time {wall_s:.0f} s" if wall_s is not None else ""),
          ]
     if any_rc:
@@ -297,6 +337,9 @@ def report_text(cfg, pairs, rws, table, abl, data, machine, trained, wall_s, fil
     if diverged:
         L += [f"- {len(diverged)} run(s) diverged (non-finite loss) and count as 100% error: "
               + ", ".join(f"{r['label']} n={r['per_device_batch']} seed {r['seed']}" for r in diverged), ""]
+    L += ["Training error of the last epoch, measured in train mode during training (BN with the batch "
+          "statistics of each device); a large gap to the validation error means the running averages used "
+          "at evaluation do not match the statistics the network was trained with:", "", train_error_table(rws)]
     L += ["For reference, the paper (ResNet-50, ImageNet, 8 GPUs) at 32/16/8/4/2 images per GPU: "
           "BN " + " / ".join(str(v) for v in PAPER["bn"].values()) + ", GN "
           + " / ".join(str(v) for v in PAPER["gn"].values()) + ".", ""]

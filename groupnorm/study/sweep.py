@@ -46,6 +46,10 @@ def package_version() -> str:
             return "unknown"
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def write_atomic(path: str, text: str) -> None:
     """Write ``text`` to ``path`` atomically (temporary file in the same dir + os.replace)."""
     d = os.path.dirname(os.path.abspath(path))
@@ -56,6 +60,7 @@ def write_atomic(path: str, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
