@@ -138,7 +138,8 @@ def test_export_ranks_and_no_affine(tmp_path, opset):
     _randomize(model)
     xs = (torch.randn(2, 2, 3, 4, 5), torch.randn(3, 5), torch.randn(3, 2, 7), torch.randn(2, 6, 3))
     path = tmp_path / "m.onnx"
-    gx.export(model, xs, path, opset=opset)
+    gx.export(model, xs, path, opset=opset, external_data=False)  # passed through to torch
+    assert not path.with_name("m.onnx.data").exists()  # one self-contained file
     got = _ort(path, *xs)
     with torch.no_grad():
         for i, (g, r) in enumerate(zip(got, model(*xs))):
