@@ -21,6 +21,7 @@ tests can exercise both the split-group path and the several-groups-per-program 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import math
 import os
@@ -128,6 +129,14 @@ def pick_config(N: int, G: int, Cg: int, S: int, channel_contiguous: bool, num_s
     split = _override.get("split", split)
     items = _override.get("items", items)
     tile = _override.get("tile", tile) or TILE
+    return _pick(N, G, Cg, S, bool(channel_contiguous), num_sms, split, items, tile)
+
+
+@functools.lru_cache(maxsize=4096)
+def _pick(N: int, G: int, Cg: int, S: int, channel_contiguous: bool, num_sms: int,
+          split: Optional[int], items: Optional[int], tile: int) -> Config:
+    # cached: the choice is a pure function of its arguments, and launch overhead counts
+    # on the small, launch-bound shapes
     group = max(1, Cg * S)
     tile = max(1, min(tile, triton.next_power_of_2(group)))
     pc, ps = triton.next_power_of_2(max(Cg, 1)), triton.next_power_of_2(max(S, 1))
