@@ -182,6 +182,43 @@ inline V act_grad(const V& z) {
   }
 }
 
+// Loads / stores of k <= kV lanes (k == kV in the main loops, where the branch folds away).
+template <typename T>
+inline typename IO<T>::V ld(const T* p, int64_t k) {
+  return k == IO<T>::V::size() ? IO<T>::load(p) : load_n(p, k);
+}
+template <typename T>
+inline void st(T* p, const typename IO<T>::V& v, int64_t k) {
+  if (k == IO<T>::V::size()) IO<T>::store(p, v);
+  else store_n(p, v, k);
+}
+template <typename S>
+inline Vectorized<S> lda(const S* p, int64_t k) {  // acc-typed scratch arrays
+  return k == Vectorized<S>::size() ? Vectorized<S>::loadu(p) : Vectorized<S>::loadu(p, k);
+}
+template <typename S>
+inline void sta(S* p, const Vectorized<S>& v, int64_t k) {
+  if (k == Vectorized<S>::size()) v.store(p);
+  else v.store(p, k);
+}
+
+// body(i, k) over [0, len) in steps of kV (k = kV), then one tail step (k = len - i)
+template <int64_t kV, typename F>
+inline void for_vec(int64_t len, F&& body) {
+  int64_t i = 0;
+  for (; i + kV <= len; i += kV) body(i, kV);
+  if (i < len) body(i, len - i);
+}
+
+// Channels-last rows are short when C is small; the kernels process R consecutive pixels
+// (R * C contiguous values) per inner loop, with the per-channel arrays repeated R times.
+inline int64_t cl_pixels_per_row(int64_t C) { return std::max<int64_t>(1, 512 / C); }
+
+template <typename S>
+inline void repeat_rows(S* a, int64_t C, int64_t R) {
+  for (int64_t r = 1; r < R; r++) std::copy(a, a + C, a + r * C);
+}
+
 // Chan et al. combination of (count, mean, M2) summaries, in a fixed order.
 template <typename S>
 inline void chan_combine(double& n_a, S& mean_a, S& m2_a, double n_b, S mean_b, S m2_b) {

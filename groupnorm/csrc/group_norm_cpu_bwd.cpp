@@ -118,50 +118,58 @@ void bwd_cl(const T* dy, const T* dsum, const T* x, const AccT<T>* w, const AccT
   const int64_t nblk = fused ? 1 : cl_blocks(N, P);
   std::vector<S> PA(N * nblk * C), PB(N * nblk * C), K1(N * C), K2(N * C);
 
+  const int64_t R = cl_pixels_per_row(C), RC = R * C;
+
+  // per-channel values of sample n, repeated R times (R pixels per inner loop)
   struct Scratch {
-    std::vector<S> mc, rc, wc, bc;
+    std::vector<S> mc, rc, wc, bc, k1, k2, la, lb;
     int64_t n = -1;
   };
-  auto fill = [&](Scratch& sc, int64_t n) {
+  auto fill = [&, C, G, Cg, R, RC](Scratch& sc, int64_t n) {
     if (sc.n == n) return;
     sc.n = n;
-    sc.mc.resize(C); sc.rc.resize(C); sc.wc.resize(C); sc.bc.resize(C);
-    for (int64_t c = 0; c < C; c++) {
-      sc.mc[c] = mean[n * G + c / Cg];
-      sc.rc[c] = rstd[n * G + c / Cg];
-      sc.wc[c] = w ? w[c] : S(1);
-      sc.bc[c] = b ? b[c] : S(0);
+    for (auto* v : {&sc.mc, &sc.rc, &sc.wc, &sc.bc, &sc.k1, &sc.k2, &sc.la, &sc.lb}) v->resize(RC);
+    for (int64_t g = 0; g < G; g++) {
+      for (int64_t ci = 0; ci < Cg; ci++) {
+        const int64_t c = g * Cg + ci;
+        sc.mc[c] = mean[n * G + g];
+        sc.rc[c] = rstd[n * G + g];
+        sc.wc[c] = w ? w[c] : S(1);
+        sc.bc[c] = b ? b[c] : S(0);
+      }
     }
+    for (auto* v : {&sc.mc, &sc.rc, &sc.wc, &sc.bc}) repeat_rows(v->data(), C, R);
   };
 
   // pass 1 over pixels [p0, p1) of sample n: partial sums of dz and dz * xhat per channel
-  auto pass1 = [&](Scratch& sc, int64_t n, int64_t p0, int64_t p1, S* sa, S* sb) {
-    const S* mc = sc.mc.data(); const S* rc = sc.rc.data();
-    const S* wc = sc.wc.data(); const S* bc = sc.bc.data();
-    std::fill(sa, sa + C, S(0));
-    std::fill(sb, sb + C, S(0));
-    for (int64_t p = p0; p < p1; p++) {
+  auto pass1 = [&, C, P, R, RC](Scratch& sc, int64_t n, int64_t p0, int64_t p1, S* sa, S* sb) {
+    const S* __restrict mc = sc.mc.data(); const S* __restrict rc = sc.rc.data();
+    const S* __restrict wc = sc.wc.data(); const S* __restrict bc = sc.bc.data();
+    S* __restrict la = sc.la.data();
+    S* __restrict lb = sc.lb.data();
+    std::fill(la, la + RC, S(0));
+    std::fill(lb, lb + RC, S(0));
+    for (int64_t p = p0; p < p1; p += R) {
       const T* xr = x + (n * P + p) * C;
       const T* dyr = dy + (n * P + p) * C;
-      int64_t c = 0;
-      for (; c + kV <= C; c += kV) {
-        V xh = (IO<T>::load(xr + c) - V::loadu(mc + c)) * V::loadu(rc + c);
-        V dz = IO<T>::load(dyr + c);
+      for_vec<kV>(std::min(R, p1 - p) * C, [&](int64_t i, int64_t k) {
+        V xh = keep_n((ld(xr + i, k) - lda(mc + i, k)) * lda(rc + i, k), k);
+        V dz = ld(dyr + i, k);
         if constexpr (ACT != kNone)
-          dz = dz * act_grad<ACT>(at::vec::fmadd(xh, V::loadu(wc + c), V::loadu(bc + c)));
-        (V::loadu(sa + c) + dz).store(sa + c);
-        at::vec::fmadd(dz, xh, V::loadu(sb + c)).store(sb + c);
-      }
-      if (c < C) {
-        const int64_t k = C - c;
-        V xh = keep_n((load_n(xr + c, k) - V::loadu(mc + c, k)) * V::loadu(rc + c, k), k);
-        V dz = load_n(dyr + c, k);
-        if constexpr (ACT != kNone)
-          dz = dz * act_grad<ACT>(at::vec::fmadd(xh, V::loadu(wc + c, k), V::loadu(bc + c, k)));
+          dz = dz * act_grad<ACT>(at::vec::fmadd(xh, lda(wc + i, k), lda(bc + i, k)));
         dz = keep_n(dz, k);
-        (V::loadu(sa + c, k) + dz).store(sa + c, k);
-        at::vec::fmadd(dz, xh, V::loadu(sb + c, k)).store(sb + c, k);
+        sta(la + i, lda(la + i, k) + dz, k);
+        sta(lb + i, at::vec::fmadd(dz, xh, lda(lb + i, k)), k);
+      });
+    }
+    for (int64_t c = 0; c < C; c++) {
+      S a = 0, q = 0;
+      for (int64_t rr = 0; rr < R; rr++) {
+        a += la[rr * C + c];
+        q += lb[rr * C + c];
       }
+      sa[c] = a;
+      sb[c] = q;
     }
   };
 
@@ -192,36 +200,29 @@ void bwd_cl(const T* dy, const T* dsum, const T* x, const AccT<T>* w, const AccT
   };
 
   // pass 2: dx = (dz * w - c1 - xhat * c2) * rstd (+ dsum), the reference's order
-  auto pass2 = [&](Scratch& sc, int64_t n, int64_t p0, int64_t p1) {
-    const S* mc = sc.mc.data(); const S* rc = sc.rc.data();
-    const S* wc = sc.wc.data(); const S* bc = sc.bc.data();
-    const S* k1 = &K1[n * C];
-    const S* k2 = &K2[n * C];
-    for (int64_t p = p0; p < p1; p++) {
+  auto pass2 = [&, C, P, R](Scratch& sc, int64_t n, int64_t p0, int64_t p1) {
+    std::copy(&K1[n * C], &K1[n * C] + C, sc.k1.data());
+    std::copy(&K2[n * C], &K2[n * C] + C, sc.k2.data());
+    repeat_rows(sc.k1.data(), C, R);
+    repeat_rows(sc.k2.data(), C, R);
+    const S* __restrict mc = sc.mc.data(); const S* __restrict rc = sc.rc.data();
+    const S* __restrict wc = sc.wc.data(); const S* __restrict bc = sc.bc.data();
+    const S* __restrict k1 = sc.k1.data(); const S* __restrict k2 = sc.k2.data();
+    for (int64_t p = p0; p < p1; p += R) {
       const int64_t off = (n * P + p) * C;
       const T* xr = x + off;
       const T* dyr = dy + off;
+      const T* dsr = dsum ? dsum + off : nullptr;
       T* dxr = dx + off;
-      int64_t c = 0;
-      for (; c + kV <= C; c += kV) {
-        V xh = (IO<T>::load(xr + c) - V::loadu(mc + c)) * V::loadu(rc + c);
-        V dz = IO<T>::load(dyr + c);
+      for_vec<kV>(std::min(R, p1 - p) * C, [&](int64_t i, int64_t k) {
+        V xh = (ld(xr + i, k) - lda(mc + i, k)) * lda(rc + i, k);
+        V dz = ld(dyr + i, k);
         if constexpr (ACT != kNone)
-          dz = dz * act_grad<ACT>(at::vec::fmadd(xh, V::loadu(wc + c), V::loadu(bc + c)));
-        V r = ((dz * V::loadu(wc + c) - V::loadu(k1 + c)) - xh * V::loadu(k2 + c)) * V::loadu(rc + c);
-        if (dsum) r = r + IO<T>::load(dsum + off + c);
-        IO<T>::store(dxr + c, r);
-      }
-      if (c < C) {
-        const int64_t k = C - c;
-        V xh = (load_n(xr + c, k) - V::loadu(mc + c, k)) * V::loadu(rc + c, k);
-        V dz = load_n(dyr + c, k);
-        if constexpr (ACT != kNone)
-          dz = dz * act_grad<ACT>(at::vec::fmadd(xh, V::loadu(wc + c, k), V::loadu(bc + c, k)));
-        V r = ((dz * V::loadu(wc + c, k) - V::loadu(k1 + c, k)) - xh * V::loadu(k2 + c, k)) * V::loadu(rc + c, k);
-        if (dsum) r = r + load_n(dsum + off + c, k);
-        store_n(dxr + c, r, k);
-      }
+          dz = dz * act_grad<ACT>(at::vec::fmadd(xh, lda(wc + i, k), lda(bc + i, k)));
+        V res = ((dz * lda(wc + i, k) - lda(k1 + i, k)) - xh * lda(k2 + i, k)) * lda(rc + i, k);
+        if (dsr) res = res + ld(dsr + i, k);
+        st(dxr + i, res, k);
+      });
     }
   };
 

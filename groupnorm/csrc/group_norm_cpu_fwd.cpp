@@ -147,8 +147,11 @@ void fwd_cl(const T* x, const T* r, T* s, T* y, const AccT<T>* w, const AccT<T>*
   const int64_t sample_bytes = P * C * int64_t(sizeof(T)) * (r ? 3 : 1);
   const bool fused = N >= 2 && sample_bytes <= (int64_t(3) << 19);
   const int64_t nblk = fused ? 1 : cl_blocks(N, P);
-  const int64_t Q = std::max<int64_t>(8, 16384 / C);  // pixels per L1/L2-resident sub-block
+  const int64_t Q = std::max<int64_t>(64, 16384 / C);  // pixels per L1/L2-resident sub-block
   std::vector<S> part_mean(N * nblk * G), part_m2(N * nblk * G);
+
+  const int64_t R = cl_pixels_per_row(C), RC = R * C;
+  const int64_t Qr = (Q + R - 1) / R * R;  // sub-block: a whole number of R-pixel rows
 
   struct Scratch {
     std::vector<S> sumc, meanc, gmean, gm2;
@@ -156,53 +159,53 @@ void fwd_cl(const T* x, const T* r, T* s, T* y, const AccT<T>* w, const AccT<T>*
   };
 
   // statistics of pixels [p0, p1) of sample n -> gmean / gm2 (Chan-merged sub-blocks)
-  auto stats = [&](Scratch& sc, int64_t n, int64_t p0, int64_t p1, S* out_mean, S* out_m2) {
-    sc.sumc.resize(C); sc.meanc.resize(C); sc.gmean.assign(G, S(0)); sc.gm2.assign(G, S(0));
+  auto stats = [&, C, G, Cg, P, R, RC, Qr](Scratch& sc, int64_t n, int64_t p0, int64_t p1, S* out_mean, S* out_m2) {
+    sc.sumc.resize(RC); sc.meanc.resize(RC); sc.gmean.assign(G, S(0)); sc.gm2.assign(G, S(0));
     sc.gcnt.assign(G, 0.0);
-    S* sumc = sc.sumc.data();
-    S* meanc = sc.meanc.data();
-    for (int64_t q0 = p0; q0 < p1; q0 += Q) {
-      const int64_t nq = std::min(Q, p1 - q0);
+    S* __restrict sumc = sc.sumc.data();
+    S* __restrict meanc = sc.meanc.data();
+    for (int64_t q0 = p0; q0 < p1; q0 += Qr) {
+      const int64_t nq = std::min(Qr, p1 - q0);
       const int64_t off = (n * P + q0) * C;
       if (r) add_round(x + off, r + off, s + off, nq * C);
       const T* src = (r ? s : x) + off;
       // pass A: per-channel sums of x - k_g over the sub-block's pixels -> per-group block
       // mean k_g + sum / count, with k_g = the group's first value in the sub-block (a shift
       // of the size of the mean keeps the sums small: no digits lost to a large mean)
-      for (int64_t c = 0; c < C; c++) meanc[c] = static_cast<S>(src[(c / Cg) * Cg]);
-      std::fill(sumc, sumc + C, S(0));
-      for (int64_t q = 0; q < nq; q++) {
+      for (int64_t g = 0; g < G; g++) {
+        const S k = static_cast<S>(src[g * Cg]);
+        for (int64_t ci = 0; ci < Cg; ci++) meanc[g * Cg + ci] = k;
+      }
+      repeat_rows(meanc, C, R);
+      std::fill(sumc, sumc + RC, S(0));
+      for (int64_t q = 0; q < nq; q += R) {
         const T* row = src + q * C;
-        int64_t c = 0;
-        for (; c + kV <= C; c += kV)
-          (V::loadu(sumc + c) + (IO<T>::load(row + c) - V::loadu(meanc + c))).store(sumc + c);
-        if (c < C)
-          (V::loadu(sumc + c, C - c) + (load_n(row + c, C - c) - V::loadu(meanc + c, C - c))).store(sumc + c, C - c);
+        for_vec<kV>(std::min(R, nq - q) * C, [&](int64_t i, int64_t k) {
+          sta(sumc + i, lda(sumc + i, k) + keep_n(ld(row + i, k) - lda(meanc + i, k), k), k);
+        });
       }
       const S inv = S(1) / S(nq * Cg);
       for (int64_t g = 0; g < G; g++) {
         S acc = 0;
-        for (int64_t ci = 0; ci < Cg; ci++) acc += sumc[g * Cg + ci];
+        for (int64_t rr = 0; rr < R; rr++)
+          for (int64_t ci = 0; ci < Cg; ci++) acc += sumc[rr * C + g * Cg + ci];
         const S bm = meanc[g * Cg] + acc * inv;
         for (int64_t ci = 0; ci < Cg; ci++) meanc[g * Cg + ci] = bm;
       }
+      repeat_rows(meanc, C, R);
       // pass B: per-channel centred sums of squares (the sub-block is still in cache)
-      std::fill(sumc, sumc + C, S(0));
-      for (int64_t q = 0; q < nq; q++) {
+      std::fill(sumc, sumc + RC, S(0));
+      for (int64_t q = 0; q < nq; q += R) {
         const T* row = src + q * C;
-        int64_t c = 0;
-        for (; c + kV <= C; c += kV) {
-          V d = IO<T>::load(row + c) - V::loadu(meanc + c);
-          at::vec::fmadd(d, d, V::loadu(sumc + c)).store(sumc + c);
-        }
-        if (c < C) {
-          V d = keep_n(load_n(row + c, C - c) - V::loadu(meanc + c, C - c), C - c);
-          at::vec::fmadd(d, d, V::loadu(sumc + c, C - c)).store(sumc + c, C - c);
-        }
+        for_vec<kV>(std::min(R, nq - q) * C, [&](int64_t i, int64_t k) {
+          V d = keep_n(ld(row + i, k) - lda(meanc + i, k), k);
+          sta(sumc + i, at::vec::fmadd(d, d, lda(sumc + i, k)), k);
+        });
       }
       for (int64_t g = 0; g < G; g++) {
         S acc = 0;
-        for (int64_t ci = 0; ci < Cg; ci++) acc += sumc[g * Cg + ci];
+        for (int64_t rr = 0; rr < R; rr++)
+          for (int64_t ci = 0; ci < Cg; ci++) acc += sumc[rr * C + g * Cg + ci];
         chan_combine(sc.gcnt[g], sc.gmean[g], sc.gm2[g], double(nq * Cg), meanc[g * Cg], acc);
       }
     }
@@ -213,32 +216,31 @@ void fwd_cl(const T* x, const T* r, T* s, T* y, const AccT<T>* w, const AccT<T>*
   };
 
   // y = act((x - mean_g) * rstd_g * w_c + b_c) for pixels [p0, p1) of sample n
-  auto apply = [&](Scratch& sc, int64_t n, int64_t p0, int64_t p1) {
-    sc.sumc.resize(C); sc.meanc.resize(C); sc.gmean.resize(C);
-    S* mc = sc.meanc.data();
-    S* scl = sc.sumc.data();
-    S* bc = sc.gmean.data();
-    for (int64_t c = 0; c < C; c++) {
-      const int64_t g = c / Cg;
-      mc[c] = mean_o[n * G + g];
-      scl[c] = rstd_o[n * G + g] * (w ? w[c] : S(1));
-      bc[c] = b ? b[c] : S(0);
+  auto apply = [&, C, G, Cg, P, R, RC](Scratch& sc, int64_t n, int64_t p0, int64_t p1) {
+    sc.sumc.resize(RC); sc.meanc.resize(RC); sc.gmean.resize(RC);
+    S* __restrict mc = sc.meanc.data();
+    S* __restrict scl = sc.sumc.data();
+    S* __restrict bc = sc.gmean.data();
+    for (int64_t g = 0; g < G; g++) {
+      for (int64_t ci = 0; ci < Cg; ci++) {
+        const int64_t c = g * Cg + ci;
+        mc[c] = mean_o[n * G + g];
+        scl[c] = rstd_o[n * G + g] * (w ? w[c] : S(1));
+        bc[c] = b ? b[c] : S(0);
+      }
     }
+    repeat_rows(mc, C, R);
+    repeat_rows(scl, C, R);
+    repeat_rows(bc, C, R);
     const T* src = (r ? s : x) + (n * P) * C;
     T* dst = y + (n * P) * C;
-    for (int64_t p = p0; p < p1; p++) {
+    for (int64_t p = p0; p < p1; p += R) {
       const T* row = src + p * C;
       T* out = dst + p * C;
-      int64_t c = 0;
-      for (; c + kV <= C; c += kV) {
-        V z = at::vec::fmadd(IO<T>::load(row + c) - V::loadu(mc + c), V::loadu(scl + c), V::loadu(bc + c));
-        IO<T>::store(out + c, act_fwd<ACT>(z));
-      }
-      if (c < C) {
-        const int64_t k = C - c;
-        V z = at::vec::fmadd(load_n(row + c, k) - V::loadu(mc + c, k), V::loadu(scl + c, k), V::loadu(bc + c, k));
-        store_n(out + c, act_fwd<ACT>(z), k);
-      }
+      for_vec<kV>(std::min(R, p1 - p) * C, [&](int64_t i, int64_t k) {
+        V z = at::vec::fmadd(ld(row + i, k) - lda(mc + i, k), lda(scl + i, k), lda(bc + i, k));
+        st(out + i, act_fwd<ACT>(z), k);
+      });
     }
   };
 
