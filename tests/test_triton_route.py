@@ -322,7 +322,9 @@ def _compile_main() -> int:  # pragma: no cover - runs in the subprocess below
     import time
 
     import triton
-    from triton.backends.compiler import GPUTarget
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend, GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
     from triton.compiler import ASTSource
 
     K = importlib.import_module("groupnorm.ops._triton_kernels")
@@ -353,31 +355,32 @@ def _compile_main() -> int:  # pragma: no cover - runs in the subprocess below
             y, mean, rstd, s = T.forward(x, w, b, r, G, 1e-5, act or "none")
             T.backward(torch.randn(shape).to(dtype), r, s if s is not None else x, w, b,
                        torch.zeros(shape[0], G), torch.ones(shape[0], G), G, act or "none")
-    ty = {f32: "*fp32", f16: "*fp16", bf16: "*bf16"}
     seen = set()
     t0 = time.time()
     for name, args, kw in calls:
         fn = getattr(K, name)
         kw = dict(kw)
         num_warps = kw.pop("num_warps")
-        sig, const = {}, {}
+        sig, const, attrs = {}, {}, {}
         for i, an in enumerate(fn.arg_names):
             v = kw[an] if an in kw else args[i]
-            if an in kw or isinstance(v, bool):
+            if an in kw:
                 sig[an], const[an] = "constexpr", v
-            elif isinstance(v, torch.Tensor):
-                sig[an] = ty[v.dtype]
-            elif isinstance(v, float):
-                sig[an] = "fp32"
-            elif v == 1:  # Triton specializes integer arguments equal to 1
-                sig[an], const[an] = "constexpr", 1
+                continue
+            # the JIT's own specialization: type, constexpr for ints equal to 1, and the
+            # divisibility-by-16 attribute (aligned pointers, strides) that enables vector loads
+            ty, attr = native_specialize_impl(BaseBackend, v, False, True, True)
+            if ty == "constexpr":
+                sig[an], const[an] = "constexpr", attr
             else:
-                sig[an] = "i64" if abs(v) >= 2**31 else "i32"
-        key = (name, tuple(sorted(sig.items())), tuple(sorted(const.items())), num_warps)
+                sig[an] = ty
+                if attr:
+                    attrs[(i,)] = CUDABackend.parse_attr(attr)
+        key = (name, tuple(sorted(sig.items())), tuple(sorted(const.items())), tuple(sorted(attrs)), num_warps)
         if key in seen:
             continue
         seen.add(key)
-        out = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const),
+        out = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
                              target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
         assert len(out.asm["cubin"]) > 0
     print(f"compiled {len(seen)} kernel specializations for sm_90 in {time.time() - t0:.1f}s")

@@ -39,6 +39,9 @@ over the rows for dW/dB. Every reduction runs in a fixed order: no atomics, bitw
 deterministic for a given configuration.
 
 Offsets are int64 when ``INT64`` (a tensor of 2^31 elements or more), int32 otherwise.
+``CG_DIV`` (a power of 2 dividing Cg, <= 16) and ``EVEN_C`` (BLOCK_C divides Cg) tell the
+compiler that a group's channels start aligned and need no mask, so that channels-last
+tiles are read with vector loads.
 Every load is cast to fp32 right away (the interpreter hands bf16 over as raw 16-bit ints).
 """
 
@@ -128,6 +131,7 @@ def _fwd_stats_chunk(
     X, R, SUM, n, g, s_lo, s_hi, Cg,
     x_sn, x_sc, x_ss, r_sn, r_sc, r_ss, u_sn, u_sc, u_ss,
     HAS_RES: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr,
+    CG_DIV: tl.constexpr, EVEN_C: tl.constexpr,
 ):
     """(count, mean, M2) of group (n, g) over positions [s_lo, s_hi); writes SUM = x + r.
 
@@ -139,10 +143,16 @@ def _fwd_stats_chunk(
     m2 = tl.full([BLOCK_C, BLOCK_S], 0.0, tl.float32)
     if INT64:
         n = n.to(tl.int64)
+    gc = g * Cg  # first channel of the group
+    if CG_DIV > 1:
+        gc = tl.multiple_of(gc, CG_DIV)
     for c0 in range(0, Cg, BLOCK_C):
-        cc = c0 + tl.arange(0, BLOCK_C)
-        cmask = cc < Cg
-        ch = g * Cg + cc
+        cc = tl.multiple_of(c0, BLOCK_C) + tl.arange(0, BLOCK_C)
+        if EVEN_C:  # no channel mask: vector loads along channels (channels-last)
+            cmask = tl.full([BLOCK_C], 1, tl.int1)
+        else:
+            cmask = cc < Cg
+        ch = gc + cc
         if INT64:
             ch = ch.to(tl.int64)
         xrow = n * x_sn + ch * x_sc
@@ -183,14 +193,21 @@ def _fwd_norm_chunk(
     s_sn, s_sc, s_ss, y_sn, y_sc, y_ss,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr,
+    CG_DIV: tl.constexpr, EVEN_C: tl.constexpr,
 ):
     """Y = act((XS - mean) * rstd * w + b) over positions [s_lo, s_hi) of group (n, g)."""
     if INT64:
         n = n.to(tl.int64)
+    gc = g * Cg  # first channel of the group
+    if CG_DIV > 1:
+        gc = tl.multiple_of(gc, CG_DIV)
     for c0 in range(0, Cg, BLOCK_C):
-        cc = c0 + tl.arange(0, BLOCK_C)
-        cmask = cc < Cg
-        ch = g * Cg + cc
+        cc = tl.multiple_of(c0, BLOCK_C) + tl.arange(0, BLOCK_C)
+        if EVEN_C:  # no channel mask: vector loads along channels (channels-last)
+            cmask = tl.full([BLOCK_C], 1, tl.int1)
+        else:
+            cmask = cc < Cg
+        ch = gc + cc
         if HAS_W:
             a = tl.load(W + ch, mask=cmask, other=0.0).to(tl.float32) * rstd
         else:
@@ -234,6 +251,7 @@ def _gn_fwd_fused(
     x_sn, x_sc, x_ss, r_sn, r_sc, r_ss, u_sn, u_sc, u_ss, y_sn, y_sc, y_ss,
     HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr,
+    CG_DIV: tl.constexpr, EVEN_C: tl.constexpr,
 ):
     """SPLIT == 1: each program normalizes ITEMS whole groups (statistics pass, then the
     normalize pass, which re-reads the group, mostly from L2)."""
@@ -245,7 +263,7 @@ def _gn_fwd_fused(
             g = grp % G
             cnt, mean, m2 = _fwd_stats_chunk(
                 X, R, SUM, n, g, 0, S, Cg, x_sn, x_sc, x_ss, r_sn, r_sc, r_ss, u_sn, u_sc, u_ss,
-                HAS_RES, BLOCK_C, BLOCK_S, INT64)
+                HAS_RES, BLOCK_C, BLOCK_S, INT64, CG_DIV, EVEN_C)
             rstd = 1.0 / tl.sqrt_rn(m2 / cnt + eps)
             tl.store(MEAN + grp, mean)
             tl.store(RSTD + grp, rstd)
@@ -254,11 +272,11 @@ def _gn_fwd_fused(
                 tl.debug_barrier()
                 _fwd_norm_chunk(SUM, W, B, Y, n, g, 0, S, Cg, mean, rstd,
                                 u_sn, u_sc, u_ss, y_sn, y_sc, y_ss,
-                                HAS_W, HAS_B, ACT, BLOCK_C, BLOCK_S, INT64)
+                                HAS_W, HAS_B, ACT, BLOCK_C, BLOCK_S, INT64, CG_DIV, EVEN_C)
             else:
                 _fwd_norm_chunk(X, W, B, Y, n, g, 0, S, Cg, mean, rstd,
                                 x_sn, x_sc, x_ss, y_sn, y_sc, y_ss,
-                                HAS_W, HAS_B, ACT, BLOCK_C, BLOCK_S, INT64)
+                                HAS_W, HAS_B, ACT, BLOCK_C, BLOCK_S, INT64, CG_DIV, EVEN_C)
 
 
 @triton.jit
@@ -270,6 +288,7 @@ def _gn_fwd_stats(
     NG, G, Cg, S, S_CHUNK, SPLIT, ITEMS,
     x_sn, x_sc, x_ss, r_sn, r_sc, r_ss, u_sn, u_sc, u_ss,
     HAS_RES: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr,
+    CG_DIV: tl.constexpr, EVEN_C: tl.constexpr,
 ):
     """Split path, stage 1: partial statistics of each (group, chunk) work item."""
     pid = tl.program_id(0)
@@ -284,7 +303,7 @@ def _gn_fwd_stats(
             cnt, mean, m2 = _fwd_stats_chunk(
                 X, R, SUM, grp // G, grp % G, s_lo, s_hi, Cg,
                 x_sn, x_sc, x_ss, r_sn, r_sc, r_ss, u_sn, u_sc, u_ss,
-                HAS_RES, BLOCK_C, BLOCK_S, INT64)
+                HAS_RES, BLOCK_C, BLOCK_S, INT64, CG_DIV, EVEN_C)
             tl.store(PART + pw * 3 + 0, cnt)
             tl.store(PART + pw * 3 + 1, mean)
             tl.store(PART + pw * 3 + 2, m2)
@@ -303,6 +322,7 @@ def _gn_fwd_norm(
     s_sn, s_sc, s_ss, y_sn, y_sc, y_ss,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_SPLIT: tl.constexpr, INT64: tl.constexpr,
+    CG_DIV: tl.constexpr, EVEN_C: tl.constexpr,
 ):
     """Split path, stage 2: merge the group's SPLIT partials (same order in every program),
     then normalize this work item's chunk; chunk 0 stores mean/rstd."""
@@ -321,7 +341,7 @@ def _gn_fwd_norm(
             s_hi = tl.minimum(s_lo + S_CHUNK, S)
             _fwd_norm_chunk(XS, W, B, Y, grp // G, grp % G, s_lo, s_hi, Cg, mean, rstd,
                             s_sn, s_sc, s_ss, y_sn, y_sc, y_ss,
-                            HAS_W, HAS_B, ACT, BLOCK_C, BLOCK_S, INT64)
+                            HAS_W, HAS_B, ACT, BLOCK_C, BLOCK_S, INT64, CG_DIV, EVEN_C)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -333,6 +353,7 @@ def _bwd_chunk_sums(
     dy_sn, dy_sc, dy_ss, xs_sn, xs_sc, xs_ss,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr,
+    CG_DIV: tl.constexpr, EVEN_C: tl.constexpr,
 ):
     """Per-channel sums of dz * xhat and dz over [s_lo, s_hi) -> DWP/DBP[prow, channels of g];
     returns this chunk's sum(dxhat * xhat) and sum(dxhat) for the group."""
@@ -340,10 +361,16 @@ def _bwd_chunk_sums(
     t_b = tl.full([], 0.0, tl.float32)
     if INT64:
         n = n.to(tl.int64)
+    gc = g * Cg  # first channel of the group
+    if CG_DIV > 1:
+        gc = tl.multiple_of(gc, CG_DIV)
     for c0 in range(0, Cg, BLOCK_C):
-        cc = c0 + tl.arange(0, BLOCK_C)
-        cmask = cc < Cg
-        ch = g * Cg + cc
+        cc = tl.multiple_of(c0, BLOCK_C) + tl.arange(0, BLOCK_C)
+        if EVEN_C:  # no channel mask: vector loads along channels (channels-last)
+            cmask = tl.full([BLOCK_C], 1, tl.int1)
+        else:
+            cmask = cc < Cg
+        ch = gc + cc
         if HAS_W:
             wv = tl.load(W + ch, mask=cmask, other=0.0).to(tl.float32)
         else:
@@ -386,14 +413,21 @@ def _bwd_dx_chunk(
     dy_sn, dy_sc, dy_ss, xs_sn, xs_sc, xs_ss, ds_sn, ds_sc, ds_ss, dx_sn, dx_sc, dx_ss,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_DSUM: tl.constexpr, ACT: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr,
+    CG_DIV: tl.constexpr, EVEN_C: tl.constexpr,
 ):
     """DX = rstd * (dxhat - c1 - xhat * c2) (+ DSUM) over [s_lo, s_hi) of group (n, g)."""
     if INT64:
         n = n.to(tl.int64)
+    gc = g * Cg  # first channel of the group
+    if CG_DIV > 1:
+        gc = tl.multiple_of(gc, CG_DIV)
     for c0 in range(0, Cg, BLOCK_C):
-        cc = c0 + tl.arange(0, BLOCK_C)
-        cmask = cc < Cg
-        ch = g * Cg + cc
+        cc = tl.multiple_of(c0, BLOCK_C) + tl.arange(0, BLOCK_C)
+        if EVEN_C:  # no channel mask: vector loads along channels (channels-last)
+            cmask = tl.full([BLOCK_C], 1, tl.int1)
+        else:
+            cmask = cc < Cg
+        ch = gc + cc
         if HAS_W:
             wv = tl.load(W + ch, mask=cmask, other=0.0).to(tl.float32)
         else:
@@ -443,6 +477,7 @@ def _gn_bwd_fused(
     dy_sn, dy_sc, dy_ss, xs_sn, xs_sc, xs_ss, ds_sn, ds_sc, ds_ss, dx_sn, dx_sc, dx_ss,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_DSUM: tl.constexpr, ACT: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr,
+    CG_DIV: tl.constexpr, EVEN_C: tl.constexpr,
 ):
     """SPLIT == 1: each program handles ITEMS whole groups: sums pass, then the dx pass."""
     pid = tl.program_id(0)
@@ -456,10 +491,10 @@ def _gn_bwd_fused(
             t_w, t_b = _bwd_chunk_sums(
                 DY, XS, W, B, DWP, DBP, n, n, g, 0, S, Cg, C, mean, rstd,
                 dy_sn, dy_sc, dy_ss, xs_sn, xs_sc, xs_ss,
-                HAS_W, HAS_B, ACT, BLOCK_C, BLOCK_S, INT64)
+                HAS_W, HAS_B, ACT, BLOCK_C, BLOCK_S, INT64, CG_DIV, EVEN_C)
             _bwd_dx_chunk(DY, XS, W, B, DSUM, DX, n, g, 0, S, Cg, mean, rstd, t_b * inv_D, t_w * inv_D,
                           dy_sn, dy_sc, dy_ss, xs_sn, xs_sc, xs_ss, ds_sn, ds_sc, ds_ss, dx_sn, dx_sc, dx_ss,
-                          HAS_W, HAS_B, HAS_DSUM, ACT, BLOCK_C, BLOCK_S, INT64)
+                          HAS_W, HAS_B, HAS_DSUM, ACT, BLOCK_C, BLOCK_S, INT64, CG_DIV, EVEN_C)
 
 
 @triton.jit
@@ -476,6 +511,7 @@ def _gn_bwd_sums(
     dy_sn, dy_sc, dy_ss, xs_sn, xs_sc, xs_ss,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr,
+    CG_DIV: tl.constexpr, EVEN_C: tl.constexpr,
 ):
     """Split path, stage 1: per-channel partial sums of each (group, chunk) work item."""
     pid = tl.program_id(0)
@@ -491,7 +527,7 @@ def _gn_bwd_sums(
             s_hi = tl.minimum(s_lo + S_CHUNK, S)
             _bwd_chunk_sums(DY, XS, W, B, DWP, DBP, n * SPLIT + sp, n, grp % G, s_lo, s_hi, Cg, C,
                             mean, rstd, dy_sn, dy_sc, dy_ss, xs_sn, xs_sc, xs_ss,
-                            HAS_W, HAS_B, ACT, BLOCK_C, BLOCK_S, INT64)
+                            HAS_W, HAS_B, ACT, BLOCK_C, BLOCK_S, INT64, CG_DIV, EVEN_C)
 
 
 @triton.jit
@@ -510,6 +546,7 @@ def _gn_bwd_dx(
     dy_sn, dy_sc, dy_ss, xs_sn, xs_sc, xs_ss, ds_sn, ds_sc, ds_ss, dx_sn, dx_sc, dx_ss,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_DSUM: tl.constexpr, ACT: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_SPLIT: tl.constexpr, INT64: tl.constexpr,
+    CG_DIV: tl.constexpr, EVEN_C: tl.constexpr,
 ):
     """Split path, stage 2: combine the group's partials (chunks in order, then channels in
     order, identical in every program) into mean(dxhat), mean(dxhat * xhat); write dx."""
@@ -527,10 +564,16 @@ def _gn_bwd_dx(
             t_b = tl.full([], 0.0, tl.float32)
             j = tl.arange(0, BLOCK_SPLIT)
             jm = j < SPLIT
+            gc = g * Cg  # first channel of the group
+            if CG_DIV > 1:
+                gc = tl.multiple_of(gc, CG_DIV)
             for c0 in range(0, Cg, BLOCK_C):
-                cc = c0 + tl.arange(0, BLOCK_C)
-                cmask = cc < Cg
-                ch = g * Cg + cc
+                cc = tl.multiple_of(c0, BLOCK_C) + tl.arange(0, BLOCK_C)
+                if EVEN_C:  # no channel mask: vector loads along channels (channels-last)
+                    cmask = tl.full([BLOCK_C], 1, tl.int1)
+                else:
+                    cmask = cc < Cg
+                ch = gc + cc
                 if HAS_W:
                     wv = tl.load(W + ch, mask=cmask, other=0.0).to(tl.float32)
                 else:
@@ -545,7 +588,7 @@ def _gn_bwd_dx(
             s_hi = tl.minimum(s_lo + S_CHUNK, S)
             _bwd_dx_chunk(DY, XS, W, B, DSUM, DX, n, g, s_lo, s_hi, Cg, mean, rstd, t_b * inv_D, t_w * inv_D,
                           dy_sn, dy_sc, dy_ss, xs_sn, xs_sc, xs_ss, ds_sn, ds_sc, ds_ss, dx_sn, dx_sc, dx_ss,
-                          HAS_W, HAS_B, HAS_DSUM, ACT, BLOCK_C, BLOCK_S, INT64)
+                          HAS_W, HAS_B, HAS_DSUM, ACT, BLOCK_C, BLOCK_S, INT64, CG_DIV, EVEN_C)
 
 
 @triton.jit

@@ -194,6 +194,12 @@ def _needs_int64(*ts: Optional[Tensor]) -> bool:
     return False
 
 
+def _align(Cg: int, cfg: Config) -> dict:
+    """Alignment facts for the compiler: the largest power of 2 (<= 16) dividing Cg, and
+    whether channel blocks tile the group exactly (no channel mask)."""
+    return dict(CG_DIV=min(16, Cg & -Cg) if Cg > 0 else 1, EVEN_C=Cg % cfg.block_c == 0)
+
+
 def _on_device(t: Tensor):
     """Triton launches on the current CUDA device: make it t's."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
@@ -256,7 +262,8 @@ def _forward(x, weight, bias, residual, G, eps, activation, y, s, mean, rstd):
     w = weight.contiguous() if weight is not None else xv  # the kernels index parameters densely
     b = bias.contiguous() if bias is not None else xv
     common = dict(HAS_W=weight is not None, HAS_B=bias is not None, ACT=_ACT[activation],
-                  BLOCK_C=cfg.block_c, BLOCK_S=cfg.block_s, INT64=int64, num_warps=cfg.num_warps)
+                  BLOCK_C=cfg.block_c, BLOCK_S=cfg.block_s, INT64=int64, num_warps=cfg.num_warps,
+                  **_align(Cg, cfg))
     if cfg.split == 1:
         grid = (triton.cdiv(NG, cfg.items),)
         K._gn_fwd_fused[grid](
@@ -272,7 +279,7 @@ def _forward(x, weight, bias, residual, G, eps, activation, y, s, mean, rstd):
             NG, G, Cg, S, cfg.s_chunk, cfg.split, cfg.items,
             *_strides(xv), *_strides(rv), *_strides(sv),
             HAS_RES=residual is not None, BLOCK_C=cfg.block_c, BLOCK_S=cfg.block_s, INT64=int64,
-            num_warps=cfg.num_warps)
+            num_warps=cfg.num_warps, **_align(Cg, cfg))
         src = sv if sv is not None else xv
         K._gn_fwd_norm[grid](
             src, w, b, yv, part, mean, rstd,
@@ -316,7 +323,8 @@ def _backward(dy, dsum, xs, weight, bias, mean, rstd, G, activation, dx, dw, db)
     dwp = torch.empty((rows, C), dtype=torch.float32, device=xs.device)
     dbp = torch.empty((rows, C), dtype=torch.float32, device=xs.device)
     common = dict(HAS_W=weight is not None, HAS_B=bias is not None, ACT=_ACT[activation],
-                  BLOCK_C=cfg.block_c, BLOCK_S=cfg.block_s, INT64=int64, num_warps=cfg.num_warps)
+                  BLOCK_C=cfg.block_c, BLOCK_S=cfg.block_s, INT64=int64, num_warps=cfg.num_warps,
+                  **_align(Cg, cfg))
     strides_dx = (*_strides(dyv), *_strides(xsv), *_strides(dsv), *_strides(dxv))
     ds = dsv if dsv is not None else xsv
     inv_d = 1.0 / (Cg * S)
