@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Union
 
 import torch
@@ -72,7 +73,13 @@ def group_norm(
         >>> y = group_norm(x, 32, activation="silu")
         >>> y, h = group_norm(x, group_size=8, residual=torch.randn_like(x), return_sum=True)
     """
-    G, act = validate(x, num_groups, group_size, weight, bias, residual, activation)
+    if torch.jit.is_tracing():
+        # shapes are constants to the tracer, which warns about every Python comparison of them
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            G, act = validate(x, num_groups, group_size, weight, bias, residual, activation)
+    else:
+        G, act = validate(x, num_groups, group_size, weight, bias, residual, activation)
     if return_sum and residual is None:
         raise ValueError("group_norm: return_sum=True needs a residual to sum with x; pass residual=...")
     y, _mean, _rstd, s = _op.fwd(

@@ -12,7 +12,7 @@ from torch import nn
 from _integration_models import Tiny3DNet, TinyResNet, UNetResBlock, count
 from groupnorm import GroupNorm
 from groupnorm._validate import divisors
-from groupnorm.convert import (
+from groupnorm.conversion import (
     BatchNormAct2d,
     ConversionReport,
     choose_groups,

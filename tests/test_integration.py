@@ -15,7 +15,7 @@ from torch import nn
 
 from _integration_models import TinyResNet, UNetResBlock
 from groupnorm import GroupNorm
-from groupnorm.convert import convert, convert_ws, fuse
+from groupnorm.conversion import convert, convert_ws, fuse
 
 ROOT = Path(__file__).resolve().parents[1]
 

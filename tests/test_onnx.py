@@ -16,7 +16,7 @@ ort = pytest.importorskip("onnxruntime")
 import groupnorm.onnx as gx  # noqa: E402
 from _integration_models import TinyResNet, UNetResBlock  # noqa: E402
 from groupnorm import GroupNorm  # noqa: E402
-from groupnorm.convert import convert, fuse  # noqa: E402
+from groupnorm.conversion import convert, fuse  # noqa: E402
 
 # torch's own exporter internals warn about a deprecated pytree API: not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")

@@ -50,7 +50,7 @@ from ._validate import divisors, normalize_activation, resolve_groups
 from .modules import GroupNorm
 from .ws import WSConv1d, WSConv2d, WSConv3d
 
-logger = logging.getLogger("groupnorm.convert")
+logger = logging.getLogger("groupnorm.conversion")
 
 
 # --------------------------------------------------------------------------------------
