@@ -123,9 +123,12 @@ def run_case(shape, G, dtype=f32, layout="contiguous", act=None, residual=False,
 
 
 def _cfg_of(shape, G, layout, cfg):
+    """The configuration the launcher picks (group kernels' or pixel-major kernels')."""
     N, C = shape[:2]
     S = int(torch.tensor(shape[2:]).prod()) if len(shape) > 2 else 1
     with T.config_override(**cfg):
+        if layout == "channels_last" and T.use_pixel_major(_make(shape, f32, layout, None).view(N, C, S), C, C // G, S):
+            return T.pick_cl_config(N, C, S, 132)
         return T.pick_config(N, G, C // G, S, layout == "channels_last" and S > 1, 132)
 
 
@@ -138,8 +141,8 @@ CASES = [
     ("nchw-bf16-gelu-items-w32", (2, 12, 5, 6), 4, bf16, "contiguous", "gelu", False, "fp32", ITEMS),
     ("cl-f32-relu-res-split", (2, 12, 5, 6), 4, f32, "channels_last", "relu", True, "same", SPLIT),
     ("cl-f16-silu-w32", (2, 12, 5, 6), 4, f16, "channels_last", "silu", False, "fp32", None),
-    ("cl-bf16-res-items", (2, 12, 5, 6), 4, bf16, "channels_last", None, True, "same", ITEMS),
-    ("cl3d-f32-gelu-items", (2, 6, 3, 4, 5), 3, f32, "channels_last", "gelu", False, "same", ITEMS),
+    ("cl-bf16-res-items-group", (2, 12, 5, 6), 4, bf16, "channels_last", None, True, "same", dict(ITEMS, pixel_major=False)),
+    ("cl3d-f32-gelu-items-group", (2, 6, 3, 4, 5), 3, f32, "channels_last", "gelu", False, "same", dict(ITEMS, pixel_major=False)),
     ("cl3d-f16-relu-res-split-w32", (2, 6, 3, 4, 5), 3, f16, "channels_last", "relu", True, "fp32", SPLIT),
     ("cl3d-bf16-silu", (2, 6, 3, 4, 5), 3, bf16, "channels_last", "silu", False, "same", None),
     ("strided-f32-silu-res", (2, 12, 5, 6), 4, f32, "strided", "silu", True, "same", None),
@@ -148,15 +151,21 @@ CASES = [
     # weight and bias None (plain normalization, w = 1, b = 0 in the kernels)
     ("no-params", (2, 8, 4, 4), 2, f32, "contiguous", "silu", False, None, None),
     # weight without bias, with an activation (z = xhat * w)
-    ("weight-only-gelu", (2, 8, 4, 4), 2, f16, "channels_last", "gelu", False, "weight", SPLIT),
+    ("weight-only-gelu-group", (2, 8, 4, 4), 2, f16, "channels_last", "gelu", False, "weight", dict(SPLIT, pixel_major=False)),
+    # the same through the pixel-major channels-last kernels
+    ("weight-only-gelu-pixel", (2, 8, 4, 4), 2, f16, "channels_last", "gelu", False, "weight", dict(SPLIT, pixel_major=True)),
     # G=1 (LayerNorm over (C, L)), 1-D input, one group per sample cut into chunks
     ("G1-1d-split", (2, 6, 20), 1, f32, "contiguous", None, True, "same", SPLIT),
     # G=C (InstanceNorm): Cg=1, the channel axis of the tile is a single channel
-    ("GC-cl-items", (2, 6, 4, 3), 6, f16, "channels_last", "silu", False, "fp32", ITEMS),
+    ("GC-cl-items-group", (2, 6, 4, 3), 6, f16, "channels_last", "silu", False, "fp32", dict(ITEMS, pixel_major=False)),
     # odd C/G=3 (masked channel lanes) in channels-last with a residual
     ("odd-Cg-cl-res", (2, 15, 3, 3), 5, f32, "channels_last", "gelu", True, "same", None),
     # C/G=60 (SDXL-like) with few groups, split, channel tiles smaller than the group
-    ("Cg60-cl-split", (1, 120, 6, 5), 2, bf16, "channels_last", "silu", False, "fp32", dict(split=4, tile=16)),
+    ("Cg60-cl-split-group", (1, 120, 6, 5), 2, bf16, "channels_last", "silu", False, "fp32",
+     dict(split=4, tile=16, pixel_major=False)),
+    # C/G=10 (SD UNet 320 channels / 32 groups) in channels-last: the pixel-major kernels by
+    # default, split into pixel chunks of tiles narrower than a pixel row
+    ("Cg10-cl-pixel-split", (2, 40, 5, 6), 4, f16, "channels_last", "silu", True, "same", dict(split=4, tile=32)),
     # no spatial dims: (N, C) input, S=1
     ("2d-input-items", (5, 12), 3, f32, "contiguous", "relu", False, "same", ITEMS),
     # H*W=1: each group holds only its C/G channel values
@@ -193,7 +202,8 @@ def test_nan_inf_propagate_to_their_group_only(poison):
         assert y[0, :2].isnan().all() and y[0, 2:].isfinite().all() and y[1].isfinite().all()
 
 
-@pytest.mark.parametrize("cfg", [None, SPLIT, ITEMS], ids=["default", "split", "items"])
+@pytest.mark.parametrize("cfg", [None, SPLIT, dict(ITEMS, pixel_major=False), dict(SPLIT, pixel_major=False)],
+                         ids=["pixel-major", "pixel-major-split", "group-items", "group-split"])
 def test_bitwise_deterministic(cfg):
     # two runs give identical bits: fixed-order reductions, no atomics
     a = run_case((2, 12, 6, 5), 4, bf16, "channels_last", "silu", True, "fp32", cfg, seed=3)
@@ -307,7 +317,10 @@ def _compile_cases():
     """(forward args, backward args, config override) covering every kernel specialization."""
     return [
         ((2, 12, 5, 6), 4, f16, "contiguous", "silu", True, "same", {}),
-        ((2, 12, 5, 6), 4, bf16, "channels_last", "gelu", False, "fp32", SPLIT),
+        ((2, 12, 5, 6), 4, bf16, "channels_last", "gelu", False, "fp32", dict(SPLIT, pixel_major=False)),
+        ((2, 40, 6, 5), 4, f16, "channels_last", "silu", True, "same", {}),   # pixel-major
+        ((2, 6, 3, 4, 5), 3, bf16, "channels_last", "gelu", False, "weight",
+         dict(pixel_major=True, split=2, tile=16, int64=True)),
         ((2, 6, 3, 4, 5), 3, f32, "channels_last", "relu", True, "same", dict(SPLIT, int64=True)),
         ((2, 6, 4, 3), 6, f16, "channels_last", None, False, None, ITEMS),   # Cg=1 specializes to 1
         ((5, 12), 12, f32, "contiguous", None, False, "weight", {}),         # S=1, Cg=1

@@ -624,3 +624,308 @@ def _gn_bwd_dwdb(
         if _INTERP and DB.dtype.element_ty == tl.bfloat16:
             db = _bf16_rne(db)
         tl.store(DB + ch, db.to(DB.dtype.element_ty), mask=cmask)
+
+
+# ----------------------------------------------------------------------------- channels-last, pixel-major
+#
+# For channels-last input whose groups are not a multiple of 8 channels (SD UNet: C/G = 10,
+# 20, 40, 60), a group's channels cannot be read with vector loads. These kernels instead
+# tile [BLOCK_P pixels, BLOCK_CC >= C channels]: every row is a whole contiguous pixel. A work
+# item is one (sample n, chunk of P_CHUNK pixels) and covers all G groups; per-channel
+# statistics are merged into per-group ones once per item (a loop over the groups). The
+# partial buffers have the layouts of the group kernels, so the Chan merge
+# (``_merge_partials``) and ``_gn_bwd_dwdb`` are shared.
+
+
+@triton.jit
+def _gn_cl_fwd_stats(
+    X,      # (N, S, C) input (channels-last: channel stride x_sc, usually 1), strides x_*
+    R,      # (N, S, C) residual (unused without HAS_RES)
+    SUM,    # (N, S, C) out: x + residual in x's dtype (unused without HAS_RES)
+    PART,   # (N * G * SPLIT, 3) out fp32: (count, mean, M2) per (group, pixel chunk)
+    N, G, Cg, C, S, P_CHUNK, SPLIT,
+    x_sn, x_sc, x_ss, r_sn, r_sc, r_ss, u_sn, u_sc, u_ss,
+    HAS_RES: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CC: tl.constexpr,
+    INT64: tl.constexpr,
+):
+    """Pixel-major stage 1: per-lane Welford over the chunk, per-channel then per-group merge."""
+    w = tl.program_id(0)
+    n = w // SPLIT
+    sp = w % SPLIT
+    p_lo = sp * P_CHUNK
+    p_hi = tl.minimum(p_lo + P_CHUNK, S)
+    cc = tl.arange(0, BLOCK_CC)
+    cmask = cc < C
+    nn = n
+    if INT64:
+        nn = n.to(tl.int64)
+        cc = cc.to(tl.int64)
+    xrow = nn * x_sn + cc * x_sc
+    if HAS_RES:
+        rrow = nn * r_sn + cc * r_sc
+        urow = nn * u_sn + cc * u_sc
+    cnt = tl.full([BLOCK_P, BLOCK_CC], 0.0, tl.float32)
+    mean = tl.full([BLOCK_P, BLOCK_CC], 0.0, tl.float32)
+    m2 = tl.full([BLOCK_P, BLOCK_CC], 0.0, tl.float32)
+    for p0 in range(p_lo, p_hi, BLOCK_P):
+        pp = p0 + tl.arange(0, BLOCK_P)
+        mask = (pp < p_hi)[:, None] & cmask[None, :]
+        if INT64:
+            pp = pp.to(tl.int64)
+        v = tl.load(X + (pp[:, None] * x_ss + xrow[None, :]), mask=mask, other=0.0).to(tl.float32)
+        if HAS_RES:
+            r = tl.load(R + (pp[:, None] * r_ss + rrow[None, :]), mask=mask, other=0.0).to(tl.float32)
+            if _INTERP and SUM.dtype.element_ty == tl.bfloat16:
+                sv = _bf16_rne(v + r)
+            else:
+                sv = (v + r).to(SUM.dtype.element_ty)
+            tl.store(SUM + (pp[:, None] * u_ss + urow[None, :]), sv, mask=mask)
+            v = sv.to(tl.float32)
+        cnt += tl.where(mask, 1.0, 0.0)
+        delta = v - mean
+        mean += tl.where(mask, delta / tl.maximum(cnt, 1.0), 0.0)
+        m2 += tl.where(mask, delta * (v - mean), 0.0)
+    # lanes -> channels
+    cnt_c = tl.reduce(cnt, 0, _sum_combine)
+    mean_c = tl.reduce(cnt * mean, 0, _sum_combine) / tl.maximum(cnt_c, 1.0)
+    d = mean - mean_c[None, :]
+    m2_c = tl.reduce(m2 + cnt * d * d, 0, _sum_combine)
+    # channels -> groups (in group order)
+    grp_c = tl.arange(0, BLOCK_CC) // Cg
+    for gi in range(0, G):
+        sel = cmask & (grp_c == gi)
+        cg = tl.reduce(tl.where(sel, cnt_c, 0.0), 0, _sum_combine)
+        mg = tl.reduce(tl.where(sel, cnt_c * mean_c, 0.0), 0, _sum_combine) / cg
+        dg = tl.where(sel, mean_c - mg, 0.0)
+        qg = tl.reduce(tl.where(sel, m2_c, 0.0) + cnt_c * dg * dg, 0, _sum_combine)
+        pw = ((n * G + gi) * SPLIT + sp) * 3
+        tl.store(PART + pw + 0, cg)
+        tl.store(PART + pw + 1, mg)
+        tl.store(PART + pw + 2, qg)
+
+
+@triton.jit
+def _gn_cl_group_stats(PART, MEAN, RSTD, n, sp, G, Cg, SPLIT, eps, cmask,
+                       BLOCK_CC: tl.constexpr, BLOCK_J: tl.constexpr):
+    """Per-channel mean and rstd of the channels' groups: Chan merge of the group's SPLIT
+    partials, BLOCK_J chunks at a time in chunk order (the same order for every channel and
+    program); chunk 0 stores them."""
+    grp = n * G + tl.arange(0, BLOCK_CC) // Cg
+    tot = tl.full([BLOCK_CC], 0.0, tl.float32)
+    s1 = tl.full([BLOCK_CC], 0.0, tl.float32)
+    sq = tl.full([BLOCK_CC], 0.0, tl.float32)
+    for j0 in range(0, SPLIT, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)
+        m2d = (j < SPLIT)[:, None] & cmask[None, :]
+        base = (grp[None, :] * SPLIT + j[:, None]) * 3
+        c = tl.load(PART + base + 0, mask=m2d, other=0.0)
+        tot += tl.reduce(c, 0, _sum_combine)
+        s1 += tl.reduce(c * tl.load(PART + base + 1, mask=m2d, other=0.0), 0, _sum_combine)
+        sq += tl.reduce(tl.load(PART + base + 2, mask=m2d, other=0.0), 0, _sum_combine)
+    tot = tl.maximum(tot, 1.0)
+    mean = s1 / tot
+    for j0 in range(0, SPLIT, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)
+        m2d = (j < SPLIT)[:, None] & cmask[None, :]
+        base = (grp[None, :] * SPLIT + j[:, None]) * 3
+        c = tl.load(PART + base + 0, mask=m2d, other=0.0)
+        d = tl.where(m2d, tl.load(PART + base + 1, mask=m2d, other=0.0) - mean[None, :], 0.0)
+        sq += tl.reduce(c * d * d, 0, _sum_combine)
+    rstd = 1.0 / tl.sqrt_rn(sq / tot + eps)
+    if sp == 0:
+        # every channel of a group writes the same value (benign, deterministic)
+        tl.store(MEAN + grp, mean, mask=cmask)
+        tl.store(RSTD + grp, rstd, mask=cmask)
+    return mean, rstd
+
+
+@triton.jit
+def _gn_cl_fwd_norm(
+    XS,     # (N, S, C) normalized input: x, or SUM of stage 1; strides s_*
+    W,      # (C,) weight (unused without HAS_W)
+    B,      # (C,) bias (unused without HAS_B)
+    Y,      # (N, S, C) out, strides y_*
+    PART,   # (N * G * SPLIT, 3) fp32 partial statistics of stage 1
+    MEAN,   # (N * G,) out fp32
+    RSTD,   # (N * G,) out fp32
+    N, G, Cg, C, S, P_CHUNK, SPLIT, eps,
+    s_sn, s_sc, s_ss, y_sn, y_sc, y_ss,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_CC: tl.constexpr, BLOCK_J: tl.constexpr, INT64: tl.constexpr,
+):
+    """Pixel-major stage 2 (items in reverse order, for L2): normalize a pixel chunk."""
+    w = N * SPLIT - 1 - tl.program_id(0)
+    n = w // SPLIT
+    sp = w % SPLIT
+    cc = tl.arange(0, BLOCK_CC)
+    cmask = cc < C
+    mean, rstd = _gn_cl_group_stats(PART, MEAN, RSTD, n, sp, G, Cg, SPLIT, eps, cmask, BLOCK_CC, BLOCK_J)
+    if HAS_W:
+        a = tl.load(W + cc, mask=cmask, other=0.0).to(tl.float32) * rstd
+    else:
+        a = rstd
+    if HAS_B:
+        b = tl.load(B + cc, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        b = tl.full([BLOCK_CC], 0.0, tl.float32)
+    p_lo = sp * P_CHUNK
+    p_hi = tl.minimum(p_lo + P_CHUNK, S)
+    nn = n
+    if INT64:
+        nn = n.to(tl.int64)
+        cc = cc.to(tl.int64)
+    srow = nn * s_sn + cc * s_sc
+    yrow = nn * y_sn + cc * y_sc
+    for p0 in range(p_lo, p_hi, BLOCK_P):
+        pp = p0 + tl.arange(0, BLOCK_P)
+        mask = (pp < p_hi)[:, None] & cmask[None, :]
+        if INT64:
+            pp = pp.to(tl.int64)
+        v = tl.load(XS + (pp[:, None] * s_ss + srow[None, :]), mask=mask, other=0.0).to(tl.float32)
+        z = (v - mean[None, :]) * a[None, :] + b[None, :]
+        if ACT != 0:
+            z = _act(z, ACT)
+        if _INTERP and Y.dtype.element_ty == tl.bfloat16:
+            z = _bf16_rne(z)
+        tl.store(Y + (pp[:, None] * y_ss + yrow[None, :]), z.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gn_cl_bwd_sums(
+    DY,     # (N, S, C) upstream gradient, strides dy_*
+    XS,     # (N, S, C) normalized input, strides xs_*
+    W,      # (C,) weight (unused without HAS_W)
+    B,      # (C,) bias (unused without HAS_B)
+    MEAN,   # (N * G,) fp32
+    RSTD,   # (N * G,) fp32
+    DWP,    # (N * SPLIT, C) out fp32: per-(sample, chunk, channel) sum of dz * xhat
+    DBP,    # (N * SPLIT, C) out fp32: per-(sample, chunk, channel) sum of dz
+    N, G, Cg, C, S, P_CHUNK, SPLIT,
+    dy_sn, dy_sc, dy_ss, xs_sn, xs_sc, xs_ss,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_CC: tl.constexpr, INT64: tl.constexpr,
+):
+    """Pixel-major backward stage 1: per-channel partial sums over a pixel chunk."""
+    w = tl.program_id(0)
+    n = w // SPLIT
+    sp = w % SPLIT
+    cc = tl.arange(0, BLOCK_CC)
+    cmask = cc < C
+    grp = n * G + cc // Cg
+    mean = tl.load(MEAN + grp, mask=cmask, other=0.0)
+    rstd = tl.load(RSTD + grp, mask=cmask, other=0.0)
+    if HAS_W:
+        wv = tl.load(W + cc, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        wv = tl.where(cmask, 1.0, 0.0)
+    if HAS_B:
+        bv = tl.load(B + cc, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        bv = tl.full([BLOCK_CC], 0.0, tl.float32)
+    prow = (n * SPLIT + sp).to(tl.int64) * C + cc
+    p_lo = sp * P_CHUNK
+    p_hi = tl.minimum(p_lo + P_CHUNK, S)
+    nn = n
+    ci = cc
+    if INT64:
+        nn = n.to(tl.int64)
+        ci = cc.to(tl.int64)
+    xrow = nn * xs_sn + ci * xs_sc
+    drow = nn * dy_sn + ci * dy_sc
+    acc_w = tl.full([BLOCK_P, BLOCK_CC], 0.0, tl.float32)
+    acc_b = tl.full([BLOCK_P, BLOCK_CC], 0.0, tl.float32)
+    for p0 in range(p_lo, p_hi, BLOCK_P):
+        pp = p0 + tl.arange(0, BLOCK_P)
+        mask = (pp < p_hi)[:, None] & cmask[None, :]
+        if INT64:
+            pp = pp.to(tl.int64)
+        x = tl.load(XS + (pp[:, None] * xs_ss + xrow[None, :]), mask=mask, other=0.0).to(tl.float32)
+        dz = tl.load(DY + (pp[:, None] * dy_ss + drow[None, :]), mask=mask, other=0.0).to(tl.float32)
+        xhat = tl.where(mask, (x - mean[None, :]) * rstd[None, :], 0.0)
+        if ACT != 0:
+            dz = tl.where(mask, dz * _act_grad(xhat * wv[None, :] + bv[None, :], ACT), 0.0)
+        acc_b += dz
+        acc_w += dz * xhat
+    tl.store(DWP + prow, tl.reduce(acc_w, 0, _sum_combine), mask=cmask)
+    tl.store(DBP + prow, tl.reduce(acc_b, 0, _sum_combine), mask=cmask)
+
+
+@triton.jit
+def _gn_cl_bwd_dx(
+    DY,     # (N, S, C) upstream gradient, strides dy_*
+    XS,     # (N, S, C) normalized input, strides xs_*
+    W,      # (C,) weight (unused without HAS_W)
+    B,      # (C,) bias (unused without HAS_B)
+    MEAN,   # (N * G,) fp32
+    RSTD,   # (N * G,) fp32
+    DSUM,   # (N, S, C) gradient of the returned sum (unused without HAS_DSUM)
+    DX,     # (N, S, C) out, strides dx_*
+    DWP,    # (N * SPLIT, C) fp32 partials of stage 1
+    DBP,    # (N * SPLIT, C) fp32 partials of stage 1
+    N, G, Cg, C, S, P_CHUNK, SPLIT, inv_D,  # inv_D = 1 / (Cg * S)
+    dy_sn, dy_sc, dy_ss, xs_sn, xs_sc, xs_ss, ds_sn, ds_sc, ds_ss, dx_sn, dx_sc, dx_ss,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_DSUM: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_CC: tl.constexpr, BLOCK_J: tl.constexpr, INT64: tl.constexpr,
+):
+    """Pixel-major backward stage 2 (reverse order): group terms from the partials (chunks
+    in order, then channels in group order), then dx of a pixel chunk."""
+    w = N * SPLIT - 1 - tl.program_id(0)
+    n = w // SPLIT
+    sp = w % SPLIT
+    cc = tl.arange(0, BLOCK_CC)
+    cmask = cc < C
+    grp_c = cc // Cg
+    mean = tl.load(MEAN + n * G + grp_c, mask=cmask, other=0.0)
+    rstd = tl.load(RSTD + n * G + grp_c, mask=cmask, other=0.0)
+    if HAS_W:
+        wv = tl.load(W + cc, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        wv = tl.where(cmask, 1.0, 0.0)
+    if HAS_B:
+        bv = tl.load(B + cc, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        bv = tl.full([BLOCK_CC], 0.0, tl.float32)
+    pw = tl.full([BLOCK_CC], 0.0, tl.float32)
+    pb = tl.full([BLOCK_CC], 0.0, tl.float32)
+    for j0 in range(0, SPLIT, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)
+        rows = (n * SPLIT + j).to(tl.int64)[:, None] * C + cc[None, :]
+        pm = (j < SPLIT)[:, None] & cmask[None, :]
+        pw += tl.reduce(tl.load(DWP + rows, mask=pm, other=0.0), 0, _sum_combine)
+        pb += tl.reduce(tl.load(DBP + rows, mask=pm, other=0.0), 0, _sum_combine)
+    pw = pw * wv
+    pb = pb * wv
+    c1 = tl.full([BLOCK_CC], 0.0, tl.float32)
+    c2 = tl.full([BLOCK_CC], 0.0, tl.float32)
+    for gi in range(0, G):
+        sel = cmask & (grp_c == gi)
+        c1 = tl.where(sel, tl.reduce(tl.where(sel, pb, 0.0), 0, _sum_combine) * inv_D, c1)
+        c2 = tl.where(sel, tl.reduce(tl.where(sel, pw, 0.0), 0, _sum_combine) * inv_D, c2)
+    p_lo = sp * P_CHUNK
+    p_hi = tl.minimum(p_lo + P_CHUNK, S)
+    nn = n
+    ci = cc
+    if INT64:
+        nn = n.to(tl.int64)
+        ci = cc.to(tl.int64)
+    xrow = nn * xs_sn + ci * xs_sc
+    drow = nn * dy_sn + ci * dy_sc
+    orow = nn * dx_sn + ci * dx_sc
+    if HAS_DSUM:
+        srow = nn * ds_sn + ci * ds_sc
+    for p0 in range(p_lo, p_hi, BLOCK_P):
+        pp = p0 + tl.arange(0, BLOCK_P)
+        mask = (pp < p_hi)[:, None] & cmask[None, :]
+        if INT64:
+            pp = pp.to(tl.int64)
+        x = tl.load(XS + (pp[:, None] * xs_ss + xrow[None, :]), mask=mask, other=0.0).to(tl.float32)
+        dz = tl.load(DY + (pp[:, None] * dy_ss + drow[None, :]), mask=mask, other=0.0).to(tl.float32)
+        xhat = (x - mean[None, :]) * rstd[None, :]
+        if ACT != 0:
+            dz = dz * _act_grad(xhat * wv[None, :] + bv[None, :], ACT)
+        dx = (dz * wv[None, :] - c1[None, :] - xhat * c2[None, :]) * rstd[None, :]
+        if HAS_DSUM:
+            dx += tl.load(DSUM + (pp[:, None] * ds_ss + srow[None, :]), mask=mask, other=0.0).to(tl.float32)
+        if _INTERP and DX.dtype.element_ty == tl.bfloat16:
+            dx = _bf16_rne(dx)
+        tl.store(DX + (pp[:, None] * dx_ss + orow[None, :]), dx.to(DX.dtype.element_ty), mask=mask)

@@ -88,9 +88,11 @@ _override: dict = {}
 @contextlib.contextmanager
 def config_override(**fields) -> Iterator[None]:
     """Force parts of the launch configuration in the block: ``split``, ``items``, ``tile``
-    (see :func:`pick_config`) and ``int64`` (64-bit offsets even for small tensors)."""
+    (see :func:`pick_config`), ``int64`` (64-bit offsets even for small tensors) and
+    ``pixel_major`` (True/False: use or avoid the channels-last pixel-major kernels where
+    they apply)."""
     global _override
-    bad = set(fields) - {"split", "items", "tile", "int64"}
+    bad = set(fields) - {"split", "items", "tile", "int64", "pixel_major"}
     if bad:
         raise TypeError(f"config_override: unknown fields {sorted(bad)}")
     prev, _override = _override, {**_override, **fields}
@@ -169,6 +171,55 @@ def _pick(N: int, G: int, Cg: int, S: int, channel_contiguous: bool, num_sms: in
     elems = block_c * block_s
     num_warps = 8 if elems >= 4096 else 4 if elems >= 1024 else 2 if elems >= 256 else 1
     return Config(split, items, block_c, block_s, s_chunk, num_warps)
+
+
+# Channels-last inputs up to this many channels (padded to a power of 2) may use the
+# pixel-major kernels (a tile row is a whole pixel).
+CL_MAX_C = 4096
+
+
+@dataclass(frozen=True)
+class ClConfig:
+    """Launch configuration of the pixel-major channels-last kernels."""
+
+    split: int      # pixel chunks per sample (programs = N * split)
+    block_p: int    # pixels per tile
+    block_cc: int   # channels per tile (power of 2 >= C)
+    p_chunk: int    # pixels per chunk (multiple of block_p)
+    block_j: int    # chunks merged at a time in stage 2
+    num_warps: int
+
+
+def use_pixel_major(t: Tensor, C: int, Cg: int, S: int) -> bool:
+    """Whether the (N, C, S) view ``t`` goes to the pixel-major kernels: channels-last dense
+    pixels (channel stride 1, pixel stride C), C <= CL_MAX_C, and groups that the group
+    kernels cannot read with vector loads (Cg not a multiple of 8); forced by
+    ``config_override(pixel_major=...)`` where it applies."""
+    if S <= 1 or t.stride(1) != 1 or t.stride(2) != C or triton.next_power_of_2(C) > CL_MAX_C:
+        return False
+    forced = _override.get("pixel_major")
+    return bool(forced) if forced is not None else Cg % 8 != 0
+
+
+def pick_cl_config(N: int, C: int, S: int, num_sms: int) -> ClConfig:
+    split = _override.get("split")
+    tile = _override.get("tile") or TILE
+    return _pick_cl(N, C, S, num_sms, split, tile)
+
+
+@functools.lru_cache(maxsize=1024)
+def _pick_cl(N: int, C: int, S: int, num_sms: int, split: Optional[int], tile: int) -> ClConfig:
+    block_cc = triton.next_power_of_2(C)
+    block_p = max(1, min(triton.next_power_of_2(S), tile // block_cc))
+    if split is None:
+        split = max(1, min(triton.cdiv(2 * num_sms, N), (S * C) // MIN_CHUNK))
+    split = max(1, min(split, triton.cdiv(S, block_p)))
+    p_chunk = triton.cdiv(triton.cdiv(S, split), block_p) * block_p
+    split = triton.cdiv(S, p_chunk)
+    block_j = max(1, min(triton.next_power_of_2(split), 8192 // block_cc))
+    elems = block_p * block_cc
+    num_warps = 8 if elems >= 4096 else 4 if elems >= 1024 else 2 if elems >= 256 else 1
+    return ClConfig(split, block_p, block_cc, p_chunk, block_j, num_warps)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -256,8 +307,12 @@ def _forward(x, weight, bias, residual, G, eps, activation, y, s, mean, rstd):
     rv = _ncs(residual, N, C, S) if residual is not None else None
     yv = y.view(N, C, S)
     sv = s.view(N, C, S) if s is not None else None
-    cfg = pick_config(N, G, Cg, S, xv.stride(1) == 1 and S > 1, _num_sms(x.device))
     int64 = bool(_override.get("int64")) or _needs_int64(xv, rv, yv, sv)
+    if use_pixel_major(xv, C, Cg, S):
+        _forward_pixel_major(K, xv, rv, yv, sv, weight, bias, mean, rstd, N, G, Cg, C, S, eps,
+                             activation, int64)
+        return y, mean, rstd, s
+    cfg = pick_config(N, G, Cg, S, xv.stride(1) == 1 and S > 1, _num_sms(x.device))
     NG = N * G
     w = weight.contiguous() if weight is not None else xv  # the kernels index parameters densely
     b = bias.contiguous() if bias is not None else xv
@@ -314,11 +369,16 @@ def _backward(dy, dsum, xs, weight, bias, mean, rstd, G, activation, dx, dw, db)
     dxv = dx.view(N, C, S)
     mean = mean.reshape(-1).to(torch.float32).contiguous()
     rstd = rstd.reshape(-1).to(torch.float32).contiguous()
-    cfg = pick_config(N, G, Cg, S, xsv.stride(1) == 1 and S > 1, _num_sms(xs.device))
     int64 = bool(_override.get("int64")) or _needs_int64(dyv, xsv, dsv, dxv)
-    NG = N * G
     w = weight.contiguous() if weight is not None else xsv
     b = bias.contiguous() if bias is not None else xsv
+    if use_pixel_major(xsv, C, Cg, S):
+        dwp, dbp = _backward_pixel_major(K, dyv, xsv, dsv, dxv, w, b, weight is not None, bias is not None,
+                                         mean, rstd, N, G, Cg, C, S, activation, int64)
+        _launch_dwdb(K, dwp, dbp, C, weight, bias, dw, db)
+        return
+    cfg = pick_config(N, G, Cg, S, xsv.stride(1) == 1 and S > 1, _num_sms(xs.device))
+    NG = N * G
     rows = N * cfg.split
     dwp = torch.empty((rows, C), dtype=torch.float32, device=xs.device)
     dbp = torch.empty((rows, C), dtype=torch.float32, device=xs.device)
@@ -344,13 +404,60 @@ def _backward(dy, dsum, xs, weight, bias, mean, rstd, G, activation, dx, dw, db)
             dyv, xsv, w, b, mean, rstd, ds, dxv, dwp, dbp,
             NG, G, Cg, C, S, cfg.s_chunk, cfg.split, cfg.items, inv_d, *strides_dx,
             HAS_DSUM=dsum is not None, BLOCK_SPLIT=cfg.block_split, **common)
-    if weight is not None or bias is not None:
-        block_c = min(triton.next_power_of_2(C), 64)
-        block_r = min(triton.next_power_of_2(rows), 32)
-        K._gn_bwd_dwdb[(triton.cdiv(C, block_c),)](
-            dwp, dbp, dw if dw is not None else dwp, db if db is not None else dbp, rows, C,
-            HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_R=block_r, BLOCK_C=block_c,
-            num_warps=4)
+    _launch_dwdb(K, dwp, dbp, C, weight, bias, dw, db)
+
+
+def _launch_dwdb(K, dwp, dbp, C, weight, bias, dw, db):
+    """dW/dB from the (rows, C) fp32 partials, summed in row order."""
+    if weight is None and bias is None:
+        return
+    rows = dwp.shape[0]
+    block_c = min(triton.next_power_of_2(C), 64)
+    block_r = min(triton.next_power_of_2(rows), 32)
+    K._gn_bwd_dwdb[(triton.cdiv(C, block_c),)](
+        dwp, dbp, dw if dw is not None else dwp, db if db is not None else dbp, rows, C,
+        HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_R=block_r, BLOCK_C=block_c,
+        num_warps=4)
+
+
+def _forward_pixel_major(K, xv, rv, yv, sv, weight, bias, mean, rstd, N, G, Cg, C, S, eps, activation, int64):
+    cfg = pick_cl_config(N, C, S, _num_sms(xv.device))
+    part = torch.empty((N * G * cfg.split, 3), dtype=torch.float32, device=xv.device)
+    grid = (N * cfg.split,)
+    K._gn_cl_fwd_stats[grid](
+        xv, rv if rv is not None else xv, sv if sv is not None else xv, part,
+        N, G, Cg, C, S, cfg.p_chunk, cfg.split,
+        *_strides(xv), *_strides(rv), *_strides(sv),
+        HAS_RES=rv is not None, BLOCK_P=cfg.block_p, BLOCK_CC=cfg.block_cc, INT64=int64,
+        num_warps=cfg.num_warps)
+    src = sv if sv is not None else xv
+    K._gn_cl_fwd_norm[grid](
+        src, weight.contiguous() if weight is not None else xv, bias.contiguous() if bias is not None else xv,
+        yv, part, mean, rstd, N, G, Cg, C, S, cfg.p_chunk, cfg.split, float(eps),
+        *_strides(src), *_strides(yv),
+        HAS_W=weight is not None, HAS_B=bias is not None, ACT=_ACT[activation],
+        BLOCK_P=cfg.block_p, BLOCK_CC=cfg.block_cc, BLOCK_J=cfg.block_j, INT64=int64,
+        num_warps=cfg.num_warps)
+
+
+def _backward_pixel_major(K, dyv, xsv, dsv, dxv, w, b, has_w, has_b, mean, rstd, N, G, Cg, C, S,
+                          activation, int64):
+    cfg = pick_cl_config(N, C, S, _num_sms(xsv.device))
+    rows = N * cfg.split
+    dwp = torch.empty((rows, C), dtype=torch.float32, device=xsv.device)
+    dbp = torch.empty((rows, C), dtype=torch.float32, device=xsv.device)
+    grid = (rows,)
+    common = dict(HAS_W=has_w, HAS_B=has_b, ACT=_ACT[activation], BLOCK_P=cfg.block_p,
+                  BLOCK_CC=cfg.block_cc, INT64=int64, num_warps=cfg.num_warps)
+    K._gn_cl_bwd_sums[grid](
+        dyv, xsv, w, b, mean, rstd, dwp, dbp, N, G, Cg, C, S, cfg.p_chunk, cfg.split,
+        *_strides(dyv), *_strides(xsv), **common)
+    K._gn_cl_bwd_dx[grid](
+        dyv, xsv, w, b, mean, rstd, dsv if dsv is not None else xsv, dxv, dwp, dbp,
+        N, G, Cg, C, S, cfg.p_chunk, cfg.split, 1.0 / (Cg * S),
+        *_strides(dyv), *_strides(xsv), *_strides(dsv), *_strides(dxv),
+        HAS_DSUM=dsv is not None, BLOCK_J=cfg.block_j, **common)
+    return dwp, dbp
 
 
 register_route("triton", forward, backward, supports, priority=20)
