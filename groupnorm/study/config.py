@@ -120,7 +120,7 @@ def build_parser(prog: str = "groupnorm") -> argparse.ArgumentParser:
             p.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kw)
         elif typing.get_origin(t) is list:
             (et,) = typing.get_args(t)
-            p.add_argument(_flag(f.name), nargs="+", type=et, metavar=f.name.upper(), **kw)
+            p.add_argument(_flag(f.name), nargs="*", type=et, metavar=f.name.upper(), **kw)
         else:
             p.add_argument(_flag(f.name), type=t, **kw)
     p.add_argument("--report-only", action="store_true", default=False,
