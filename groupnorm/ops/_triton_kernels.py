@@ -632,9 +632,11 @@ def _gn_bwd_dwdb(
 # 20, 40, 60), a group's channels cannot be read with vector loads. These kernels instead
 # tile [BLOCK_P pixels, BLOCK_CC >= C channels]: every row is a whole contiguous pixel. A work
 # item is one (sample n, chunk of P_CHUNK pixels) and covers all G groups; per-channel
-# statistics are merged into per-group ones once per item (a loop over the groups). The
-# partial buffers have the layouts of the group kernels, so the Chan merge
-# (``_merge_partials``) and ``_gn_bwd_dwdb`` are shared.
+# statistics are merged into per-group partials once per item (a loop over the groups); a
+# small kernel merges each group's chunks (forward: mean/rstd; backward: the two group
+# means of the dx formula), and the last kernel normalizes / writes dx. The partial buffers
+# have the layouts of the group kernels, so ``_merge_partials`` and ``_gn_bwd_dwdb`` are
+# shared.
 
 
 @triton.jit
@@ -705,38 +707,49 @@ def _gn_cl_fwd_stats(
 
 
 @triton.jit
-def _gn_cl_group_stats(PART, MEAN, RSTD, n, sp, G, Cg, SPLIT, eps, cmask,
-                       BLOCK_CC: tl.constexpr, BLOCK_J: tl.constexpr):
-    """Per-channel mean and rstd of the channels' groups: Chan merge of the group's SPLIT
-    partials, BLOCK_J chunks at a time in chunk order (the same order for every channel and
-    program); chunk 0 stores them."""
-    grp = n * G + tl.arange(0, BLOCK_CC) // Cg
-    tot = tl.full([BLOCK_CC], 0.0, tl.float32)
-    s1 = tl.full([BLOCK_CC], 0.0, tl.float32)
-    sq = tl.full([BLOCK_CC], 0.0, tl.float32)
-    for j0 in range(0, SPLIT, BLOCK_J):
-        j = j0 + tl.arange(0, BLOCK_J)
-        m2d = (j < SPLIT)[:, None] & cmask[None, :]
-        base = (grp[None, :] * SPLIT + j[:, None]) * 3
-        c = tl.load(PART + base + 0, mask=m2d, other=0.0)
-        tot += tl.reduce(c, 0, _sum_combine)
-        s1 += tl.reduce(c * tl.load(PART + base + 1, mask=m2d, other=0.0), 0, _sum_combine)
-        sq += tl.reduce(tl.load(PART + base + 2, mask=m2d, other=0.0), 0, _sum_combine)
-    tot = tl.maximum(tot, 1.0)
-    mean = s1 / tot
-    for j0 in range(0, SPLIT, BLOCK_J):
-        j = j0 + tl.arange(0, BLOCK_J)
-        m2d = (j < SPLIT)[:, None] & cmask[None, :]
-        base = (grp[None, :] * SPLIT + j[:, None]) * 3
-        c = tl.load(PART + base + 0, mask=m2d, other=0.0)
-        d = tl.where(m2d, tl.load(PART + base + 1, mask=m2d, other=0.0) - mean[None, :], 0.0)
-        sq += tl.reduce(c * d * d, 0, _sum_combine)
-    rstd = 1.0 / tl.sqrt_rn(sq / tot + eps)
-    if sp == 0:
-        # every channel of a group writes the same value (benign, deterministic)
-        tl.store(MEAN + grp, mean, mask=cmask)
-        tl.store(RSTD + grp, rstd, mask=cmask)
-    return mean, rstd
+def _gn_cl_merge_stats(
+    PART,   # (N * G * SPLIT, 3) fp32 partial statistics of stage 1
+    MEAN,   # (N * G,) out fp32
+    RSTD,   # (N * G,) out fp32
+    SPLIT, eps,
+    BLOCK_SPLIT: tl.constexpr,
+):
+    """One program per group: Chan merge of its SPLIT chunks (in chunk order) -> mean, rstd."""
+    grp = tl.program_id(0)
+    mean, var = _merge_partials(PART, grp * SPLIT * 3, SPLIT, BLOCK_SPLIT)
+    tl.store(MEAN + grp, mean)
+    tl.store(RSTD + grp, 1.0 / tl.sqrt_rn(var + eps))
+
+
+@triton.jit
+def _gn_cl_bwd_terms(
+    DWP,    # (N * SPLIT, C) fp32 partials of backward stage 1
+    DBP,    # (N * SPLIT, C) fp32 partials of backward stage 1
+    W,      # (C,) weight (unused without HAS_W)
+    C1,     # (N * G,) out fp32: mean(dxhat) of each group
+    C2,     # (N * G,) out fp32: mean(dxhat * xhat) of each group
+    G, Cg, C, SPLIT, inv_D,
+    HAS_W: tl.constexpr, BLOCK_CC: tl.constexpr,
+):
+    """One program per sample: chunk partials summed in chunk order, then per group."""
+    n = tl.program_id(0)
+    cc = tl.arange(0, BLOCK_CC)
+    cmask = cc < C
+    pw = tl.full([BLOCK_CC], 0.0, tl.float32)
+    pb = tl.full([BLOCK_CC], 0.0, tl.float32)
+    for j in range(0, SPLIT):
+        row = (n * SPLIT + j).to(tl.int64) * C
+        pw += tl.load(DWP + row + cc, mask=cmask, other=0.0)
+        pb += tl.load(DBP + row + cc, mask=cmask, other=0.0)
+    if HAS_W:
+        wv = tl.load(W + cc, mask=cmask, other=0.0).to(tl.float32)
+        pw = pw * wv
+        pb = pb * wv
+    grp_c = cc // Cg
+    for gi in range(0, G):
+        sel = cmask & (grp_c == gi)
+        tl.store(C1 + n * G + gi, tl.reduce(tl.where(sel, pb, 0.0), 0, _sum_combine) * inv_D)
+        tl.store(C2 + n * G + gi, tl.reduce(tl.where(sel, pw, 0.0), 0, _sum_combine) * inv_D)
 
 
 @triton.jit
@@ -745,21 +758,22 @@ def _gn_cl_fwd_norm(
     W,      # (C,) weight (unused without HAS_W)
     B,      # (C,) bias (unused without HAS_B)
     Y,      # (N, S, C) out, strides y_*
-    PART,   # (N * G * SPLIT, 3) fp32 partial statistics of stage 1
-    MEAN,   # (N * G,) out fp32
-    RSTD,   # (N * G,) out fp32
-    N, G, Cg, C, S, P_CHUNK, SPLIT, eps,
+    MEAN,   # (N * G,) fp32, from _gn_cl_merge_stats
+    RSTD,   # (N * G,) fp32
+    N, G, Cg, C, S, P_CHUNK, SPLIT,
     s_sn, s_sc, s_ss, y_sn, y_sc, y_ss,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_CC: tl.constexpr, BLOCK_J: tl.constexpr, INT64: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_CC: tl.constexpr, INT64: tl.constexpr,
 ):
-    """Pixel-major stage 2 (items in reverse order, for L2): normalize a pixel chunk."""
+    """Pixel-major stage 3 (items in reverse order, for L2): normalize a pixel chunk."""
     w = N * SPLIT - 1 - tl.program_id(0)
     n = w // SPLIT
     sp = w % SPLIT
     cc = tl.arange(0, BLOCK_CC)
     cmask = cc < C
-    mean, rstd = _gn_cl_group_stats(PART, MEAN, RSTD, n, sp, G, Cg, SPLIT, eps, cmask, BLOCK_CC, BLOCK_J)
+    grp = n * G + cc // Cg
+    mean = tl.load(MEAN + grp, mask=cmask, other=0.0)
+    rstd = tl.load(RSTD + grp, mask=cmask, other=0.0)
     if HAS_W:
         a = tl.load(W + cc, mask=cmask, other=0.0).to(tl.float32) * rstd
     else:
@@ -860,15 +874,14 @@ def _gn_cl_bwd_dx(
     RSTD,   # (N * G,) fp32
     DSUM,   # (N, S, C) gradient of the returned sum (unused without HAS_DSUM)
     DX,     # (N, S, C) out, strides dx_*
-    DWP,    # (N * SPLIT, C) fp32 partials of stage 1
-    DBP,    # (N * SPLIT, C) fp32 partials of stage 1
-    N, G, Cg, C, S, P_CHUNK, SPLIT, inv_D,  # inv_D = 1 / (Cg * S)
+    C1,     # (N * G,) fp32 mean(dxhat) per group, from _gn_cl_bwd_terms
+    C2,     # (N * G,) fp32 mean(dxhat * xhat) per group
+    N, G, Cg, C, S, P_CHUNK, SPLIT,
     dy_sn, dy_sc, dy_ss, xs_sn, xs_sc, xs_ss, ds_sn, ds_sc, ds_ss, dx_sn, dx_sc, dx_ss,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_DSUM: tl.constexpr, ACT: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_CC: tl.constexpr, BLOCK_J: tl.constexpr, INT64: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_CC: tl.constexpr, INT64: tl.constexpr,
 ):
-    """Pixel-major backward stage 2 (reverse order): group terms from the partials (chunks
-    in order, then channels in group order), then dx of a pixel chunk."""
+    """Pixel-major backward stage 3 (reverse order): dx of a pixel chunk."""
     w = N * SPLIT - 1 - tl.program_id(0)
     n = w // SPLIT
     sp = w % SPLIT
@@ -885,22 +898,8 @@ def _gn_cl_bwd_dx(
         bv = tl.load(B + cc, mask=cmask, other=0.0).to(tl.float32)
     else:
         bv = tl.full([BLOCK_CC], 0.0, tl.float32)
-    pw = tl.full([BLOCK_CC], 0.0, tl.float32)
-    pb = tl.full([BLOCK_CC], 0.0, tl.float32)
-    for j0 in range(0, SPLIT, BLOCK_J):
-        j = j0 + tl.arange(0, BLOCK_J)
-        rows = (n * SPLIT + j).to(tl.int64)[:, None] * C + cc[None, :]
-        pm = (j < SPLIT)[:, None] & cmask[None, :]
-        pw += tl.reduce(tl.load(DWP + rows, mask=pm, other=0.0), 0, _sum_combine)
-        pb += tl.reduce(tl.load(DBP + rows, mask=pm, other=0.0), 0, _sum_combine)
-    pw = pw * wv
-    pb = pb * wv
-    c1 = tl.full([BLOCK_CC], 0.0, tl.float32)
-    c2 = tl.full([BLOCK_CC], 0.0, tl.float32)
-    for gi in range(0, G):
-        sel = cmask & (grp_c == gi)
-        c1 = tl.where(sel, tl.reduce(tl.where(sel, pb, 0.0), 0, _sum_combine) * inv_D, c1)
-        c2 = tl.where(sel, tl.reduce(tl.where(sel, pw, 0.0), 0, _sum_combine) * inv_D, c2)
+    c1 = tl.load(C1 + n * G + grp_c, mask=cmask, other=0.0)
+    c2 = tl.load(C2 + n * G + grp_c, mask=cmask, other=0.0)
     p_lo = sp * P_CHUNK
     p_hi = tl.minimum(p_lo + P_CHUNK, S)
     nn = n

@@ -186,7 +186,6 @@ class ClConfig:
     block_p: int    # pixels per tile
     block_cc: int   # channels per tile (power of 2 >= C)
     p_chunk: int    # pixels per chunk (multiple of block_p)
-    block_j: int    # chunks merged at a time in stage 2
     num_warps: int
 
 
@@ -216,10 +215,9 @@ def _pick_cl(N: int, C: int, S: int, num_sms: int, split: Optional[int], tile: i
     split = max(1, min(split, triton.cdiv(S, block_p)))
     p_chunk = triton.cdiv(triton.cdiv(S, split), block_p) * block_p
     split = triton.cdiv(S, p_chunk)
-    block_j = max(1, min(triton.next_power_of_2(split), 8192 // block_cc))
     elems = block_p * block_cc
     num_warps = 8 if elems >= 4096 else 4 if elems >= 1024 else 2 if elems >= 256 else 1
-    return ClConfig(split, block_p, block_cc, p_chunk, block_j, num_warps)
+    return ClConfig(split, block_p, block_cc, p_chunk, num_warps)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -430,14 +428,15 @@ def _forward_pixel_major(K, xv, rv, yv, sv, weight, bias, mean, rstd, N, G, Cg, 
         *_strides(xv), *_strides(rv), *_strides(sv),
         HAS_RES=rv is not None, BLOCK_P=cfg.block_p, BLOCK_CC=cfg.block_cc, INT64=int64,
         num_warps=cfg.num_warps)
+    K._gn_cl_merge_stats[(N * G,)](part, mean, rstd, cfg.split, float(eps),
+                                   BLOCK_SPLIT=triton.next_power_of_2(cfg.split), num_warps=1)
     src = sv if sv is not None else xv
     K._gn_cl_fwd_norm[grid](
         src, weight.contiguous() if weight is not None else xv, bias.contiguous() if bias is not None else xv,
-        yv, part, mean, rstd, N, G, Cg, C, S, cfg.p_chunk, cfg.split, float(eps),
+        yv, mean, rstd, N, G, Cg, C, S, cfg.p_chunk, cfg.split,
         *_strides(src), *_strides(yv),
         HAS_W=weight is not None, HAS_B=bias is not None, ACT=_ACT[activation],
-        BLOCK_P=cfg.block_p, BLOCK_CC=cfg.block_cc, BLOCK_J=cfg.block_j, INT64=int64,
-        num_warps=cfg.num_warps)
+        BLOCK_P=cfg.block_p, BLOCK_CC=cfg.block_cc, INT64=int64, num_warps=cfg.num_warps)
 
 
 def _backward_pixel_major(K, dyv, xsv, dsv, dxv, w, b, has_w, has_b, mean, rstd, N, G, Cg, C, S,
@@ -452,11 +451,15 @@ def _backward_pixel_major(K, dyv, xsv, dsv, dxv, w, b, has_w, has_b, mean, rstd,
     K._gn_cl_bwd_sums[grid](
         dyv, xsv, w, b, mean, rstd, dwp, dbp, N, G, Cg, C, S, cfg.p_chunk, cfg.split,
         *_strides(dyv), *_strides(xsv), **common)
+    c1 = torch.empty((N * G,), dtype=torch.float32, device=xsv.device)
+    c2 = torch.empty((N * G,), dtype=torch.float32, device=xsv.device)
+    K._gn_cl_bwd_terms[(N,)](dwp, dbp, w, c1, c2, G, Cg, C, cfg.split, 1.0 / (Cg * S),
+                             HAS_W=has_w, BLOCK_CC=cfg.block_cc, num_warps=4)
     K._gn_cl_bwd_dx[grid](
-        dyv, xsv, w, b, mean, rstd, dsv if dsv is not None else xsv, dxv, dwp, dbp,
-        N, G, Cg, C, S, cfg.p_chunk, cfg.split, 1.0 / (Cg * S),
+        dyv, xsv, w, b, mean, rstd, dsv if dsv is not None else xsv, dxv, c1, c2,
+        N, G, Cg, C, S, cfg.p_chunk, cfg.split,
         *_strides(dyv), *_strides(xsv), *_strides(dsv), *_strides(dxv),
-        HAS_DSUM=dsv is not None, BLOCK_J=cfg.block_j, **common)
+        HAS_DSUM=dsv is not None, **common)
     return dwp, dbp
 
 
