@@ -219,6 +219,58 @@ inline void repeat_rows(S* a, int64_t C, int64_t R) {
   for (int64_t r = 1; r < R; r++) std::copy(a, a + C, a + r * C);
 }
 
+// acc[i] += sum over rows r < nrows of f(r, i, k, a) for i in [0, len): f adds row r's
+// contribution for lanes [i, i + k) (zero beyond k) to the register accumulator a. Columns
+// of NC vectors are summed with the row loop innermost, so partial sums stay in registers
+// (accumulating row by row into memory stalls on store-to-load forwarding / 4K aliasing).
+// The order is fixed (per lane, rows in order): deterministic.
+template <int NC, typename V, typename F>
+inline void column_sums(typename V::value_type* acc, int64_t nrows, int64_t len, F&& f) {
+  constexpr int64_t kV = V::size();
+  int64_t i = 0;
+  for (; i + NC * kV <= len; i += NC * kV) {
+    V a[NC];
+    for (int j = 0; j < NC; j++) a[j] = V::loadu(acc + i + j * kV);
+    for (int64_t r = 0; r < nrows; r++)
+      for (int j = 0; j < NC; j++) f(r, i + j * kV, kV, a[j]);
+    for (int j = 0; j < NC; j++) a[j].store(acc + i + j * kV);
+  }
+  for (; i < len; i += kV) {
+    const int64_t k = std::min<int64_t>(kV, len - i);
+    V a0 = lda(acc + i, k);
+    for (int64_t r = 0; r < nrows; r++) f(r, i, k, a0);
+    sta(acc + i, a0, k);
+  }
+}
+
+// the same with two accumulators per lane (backward: sum dz and sum dz * xhat)
+template <int NC, typename V, typename F>
+inline void column_sums2(typename V::value_type* acc, typename V::value_type* acc2, int64_t nrows,
+                         int64_t len, F&& f) {
+  constexpr int64_t kV = V::size();
+  int64_t i = 0;
+  for (; i + NC * kV <= len; i += NC * kV) {
+    V a[NC], q[NC];
+    for (int j = 0; j < NC; j++) {
+      a[j] = V::loadu(acc + i + j * kV);
+      q[j] = V::loadu(acc2 + i + j * kV);
+    }
+    for (int64_t r = 0; r < nrows; r++)
+      for (int j = 0; j < NC; j++) f(r, i + j * kV, kV, a[j], q[j]);
+    for (int j = 0; j < NC; j++) {
+      a[j].store(acc + i + j * kV);
+      q[j].store(acc2 + i + j * kV);
+    }
+  }
+  for (; i < len; i += kV) {
+    const int64_t k = std::min<int64_t>(kV, len - i);
+    V a0 = lda(acc + i, k), q0 = lda(acc2 + i, k);
+    for (int64_t r = 0; r < nrows; r++) f(r, i, k, a0, q0);
+    sta(acc + i, a0, k);
+    sta(acc2 + i, q0, k);
+  }
+}
+
 // Chan et al. combination of (count, mean, M2) summaries, in a fixed order.
 template <typename S>
 inline void chan_combine(double& n_a, S& mean_a, S& m2_a, double n_b, S mean_b, S m2_b) {

@@ -149,19 +149,22 @@ void bwd_cl(const T* dy, const T* dsum, const T* x, const AccT<T>* w, const AccT
     S* __restrict lb = sc.lb.data();
     std::fill(la, la + RC, S(0));
     std::fill(lb, lb + RC, S(0));
-    for (int64_t p = p0; p < p1; p += R) {
+    auto f = [&](int64_t p) {  // rows of R pixels starting at pixel p
       const T* xr = x + (n * P + p) * C;
       const T* dyr = dy + (n * P + p) * C;
-      for_vec<kV>(std::min(R, p1 - p) * C, [&](int64_t i, int64_t k) {
-        V xh = keep_n((ld(xr + i, k) - lda(mc + i, k)) * lda(rc + i, k), k);
-        V dz = ld(dyr + i, k);
+      return [&, xr, dyr](int64_t rr, int64_t i, int64_t k, V& a, V& q) {
+        V xh = keep_n((ld(xr + rr * RC + i, k) - lda(mc + i, k)) * lda(rc + i, k), k);
+        V dz = ld(dyr + rr * RC + i, k);
         if constexpr (ACT != kNone)
           dz = dz * act_grad<ACT>(at::vec::fmadd(xh, lda(wc + i, k), lda(bc + i, k)));
         dz = keep_n(dz, k);
-        sta(la + i, lda(la + i, k) + dz, k);
-        sta(lb + i, at::vec::fmadd(dz, xh, lda(lb + i, k)), k);
-      });
-    }
+        a += dz;
+        q = at::vec::fmadd(dz, xh, q);
+      };
+    };
+    const int64_t full = (p1 - p0) / R, rem = (p1 - p0) % R;
+    column_sums2<2, V>(la, lb, full, RC, f(p0));
+    if (rem) column_sums2<2, V>(la, lb, 1, rem * C, f(p0 + full * R));
     for (int64_t c = 0; c < C; c++) {
       S a = 0, q = 0;
       for (int64_t rr = 0; rr < R; rr++) {

@@ -177,13 +177,15 @@ void fwd_cl(const T* x, const T* r, T* s, T* y, const AccT<T>* w, const AccT<T>*
         for (int64_t ci = 0; ci < Cg; ci++) meanc[g * Cg + ci] = k;
       }
       repeat_rows(meanc, C, R);
+      const int64_t full = nq / R, rem = nq % R;  // whole R-pixel rows, then a partial one
       std::fill(sumc, sumc + RC, S(0));
-      for (int64_t q = 0; q < nq; q += R) {
-        const T* row = src + q * C;
-        for_vec<kV>(std::min(R, nq - q) * C, [&](int64_t i, int64_t k) {
-          sta(sumc + i, lda(sumc + i, k) + keep_n(ld(row + i, k) - lda(meanc + i, k), k), k);
-        });
-      }
+      auto fa = [&](const T* base) {
+        return [&, base](int64_t rr, int64_t i, int64_t k, V& a) {
+          a += keep_n(ld(base + rr * RC + i, k) - lda(meanc + i, k), k);
+        };
+      };
+      column_sums<4, V>(sumc, full, RC, fa(src));
+      if (rem) column_sums<4, V>(sumc, 1, rem * C, fa(src + full * RC));
       const S inv = S(1) / S(nq * Cg);
       for (int64_t g = 0; g < G; g++) {
         S acc = 0;
@@ -195,13 +197,14 @@ void fwd_cl(const T* x, const T* r, T* s, T* y, const AccT<T>* w, const AccT<T>*
       repeat_rows(meanc, C, R);
       // pass B: per-channel centred sums of squares (the sub-block is still in cache)
       std::fill(sumc, sumc + RC, S(0));
-      for (int64_t q = 0; q < nq; q += R) {
-        const T* row = src + q * C;
-        for_vec<kV>(std::min(R, nq - q) * C, [&](int64_t i, int64_t k) {
-          V d = keep_n(ld(row + i, k) - lda(meanc + i, k), k);
-          sta(sumc + i, at::vec::fmadd(d, d, lda(sumc + i, k)), k);
-        });
-      }
+      auto fb = [&](const T* base) {
+        return [&, base](int64_t rr, int64_t i, int64_t k, V& a) {
+          V d = keep_n(ld(base + rr * RC + i, k) - lda(meanc + i, k), k);
+          a = at::vec::fmadd(d, d, a);
+        };
+      };
+      column_sums<4, V>(sumc, full, RC, fb(src));
+      if (rem) column_sums<4, V>(sumc, 1, rem * C, fb(src + full * RC));
       for (int64_t g = 0; g < G; g++) {
         S acc = 0;
         for (int64_t rr = 0; rr < R; rr++)
