@@ -158,6 +158,8 @@ CASES = [
     ("G1-1d-split", (2, 6, 20), 1, f32, "contiguous", None, True, "same", SPLIT),
     # G=C (InstanceNorm): Cg=1, the channel axis of the tile is a single channel
     ("GC-cl-items-group", (2, 6, 4, 3), 6, f16, "channels_last", "silu", False, "fp32", dict(ITEMS, pixel_major=False)),
+    # G=C=10 through the pixel-major kernels: more groups than one block of 8 (with a tail)
+    ("GC10-cl-pixel-split", (2, 10, 3, 4), 10, bf16, "channels_last", "relu", True, "fp32", dict(split=2, tile=16)),
     # odd C/G=3 (masked channel lanes) in channels-last with a residual
     ("odd-Cg-cl-res", (2, 15, 3, 3), 5, f32, "channels_last", "gelu", True, "same", None),
     # C/G=60 (SDXL-like) with few groups, split, channel tiles smaller than the group

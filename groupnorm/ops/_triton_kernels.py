@@ -647,7 +647,7 @@ def _gn_cl_fwd_stats(
     PART,   # (N * G * SPLIT, 3) out fp32: (count, mean, M2) per (group, pixel chunk)
     N, G, Cg, C, S, P_CHUNK, SPLIT,
     x_sn, x_sc, x_ss, r_sn, r_sc, r_ss, u_sn, u_sc, u_ss,
-    HAS_RES: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CC: tl.constexpr,
+    HAS_RES: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CC: tl.constexpr, BLOCK_GB: tl.constexpr,
     INT64: tl.constexpr,
 ):
     """Pixel-major stage 1: per-lane Welford over the chunk, per-channel then per-group merge."""
@@ -692,18 +692,21 @@ def _gn_cl_fwd_stats(
     mean_c = tl.reduce(cnt * mean, 0, _sum_combine) / tl.maximum(cnt_c, 1.0)
     d = mean - mean_c[None, :]
     m2_c = tl.reduce(m2 + cnt * d * d, 0, _sum_combine)
-    # channels -> groups (in group order)
+    # channels -> groups, BLOCK_GB groups at a time through a one-hot [BLOCK_GB, BLOCK_CC]
+    # mask (a few 2-D reductions instead of one reduction per group)
     grp_c = tl.arange(0, BLOCK_CC) // Cg
-    for gi in range(0, G):
-        sel = cmask & (grp_c == gi)
-        cg = tl.reduce(tl.where(sel, cnt_c, 0.0), 0, _sum_combine)
-        mg = tl.reduce(tl.where(sel, cnt_c * mean_c, 0.0), 0, _sum_combine) / cg
-        dg = tl.where(sel, mean_c - mg, 0.0)
-        qg = tl.reduce(tl.where(sel, m2_c, 0.0) + cnt_c * dg * dg, 0, _sum_combine)
+    for g0 in range(0, G, BLOCK_GB):
+        gi = g0 + tl.arange(0, BLOCK_GB)
+        oh = (grp_c[None, :] == gi[:, None]) & cmask[None, :]
+        cg = tl.reduce(tl.where(oh, cnt_c[None, :], 0.0), 1, _sum_combine)
+        mg = tl.reduce(tl.where(oh, (cnt_c * mean_c)[None, :], 0.0), 1, _sum_combine) / tl.maximum(cg, 1.0)
+        dg = mean_c - tl.reduce(tl.where(oh, mg[:, None], 0.0), 0, _sum_combine)
+        qg = tl.reduce(tl.where(oh, (m2_c + cnt_c * dg * dg)[None, :], 0.0), 1, _sum_combine)
+        gmask = gi < G
         pw = ((n * G + gi) * SPLIT + sp) * 3
-        tl.store(PART + pw + 0, cg)
-        tl.store(PART + pw + 1, mg)
-        tl.store(PART + pw + 2, qg)
+        tl.store(PART + pw + 0, cg, mask=gmask)
+        tl.store(PART + pw + 1, mg, mask=gmask)
+        tl.store(PART + pw + 2, qg, mask=gmask)
 
 
 @triton.jit
@@ -729,27 +732,26 @@ def _gn_cl_bwd_terms(
     C1,     # (N * G,) out fp32: mean(dxhat) of each group
     C2,     # (N * G,) out fp32: mean(dxhat * xhat) of each group
     G, Cg, C, SPLIT, inv_D,
-    HAS_W: tl.constexpr, BLOCK_CC: tl.constexpr,
+    HAS_W: tl.constexpr, BLOCK_CG: tl.constexpr,
 ):
-    """One program per sample: chunk partials summed in chunk order, then per group."""
-    n = tl.program_id(0)
-    cc = tl.arange(0, BLOCK_CC)
-    cmask = cc < C
-    pw = tl.full([BLOCK_CC], 0.0, tl.float32)
-    pb = tl.full([BLOCK_CC], 0.0, tl.float32)
+    """One program per group: its channels' chunk partials summed in chunk order."""
+    grp = tl.program_id(0)
+    n = grp // G
+    cc = tl.arange(0, BLOCK_CG)
+    cmask = cc < Cg
+    ch = (grp % G) * Cg + cc
+    pw = tl.full([BLOCK_CG], 0.0, tl.float32)
+    pb = tl.full([BLOCK_CG], 0.0, tl.float32)
     for j in range(0, SPLIT):
         row = (n * SPLIT + j).to(tl.int64) * C
-        pw += tl.load(DWP + row + cc, mask=cmask, other=0.0)
-        pb += tl.load(DBP + row + cc, mask=cmask, other=0.0)
+        pw += tl.load(DWP + row + ch, mask=cmask, other=0.0)
+        pb += tl.load(DBP + row + ch, mask=cmask, other=0.0)
     if HAS_W:
-        wv = tl.load(W + cc, mask=cmask, other=0.0).to(tl.float32)
+        wv = tl.load(W + ch, mask=cmask, other=0.0).to(tl.float32)
         pw = pw * wv
         pb = pb * wv
-    grp_c = cc // Cg
-    for gi in range(0, G):
-        sel = cmask & (grp_c == gi)
-        tl.store(C1 + n * G + gi, tl.reduce(tl.where(sel, pb, 0.0), 0, _sum_combine) * inv_D)
-        tl.store(C2 + n * G + gi, tl.reduce(tl.where(sel, pw, 0.0), 0, _sum_combine) * inv_D)
+    tl.store(C1 + grp, tl.reduce(pb, 0, _sum_combine) * inv_D)
+    tl.store(C2 + grp, tl.reduce(pw, 0, _sum_combine) * inv_D)
 
 
 @triton.jit

@@ -426,7 +426,8 @@ def _forward_pixel_major(K, xv, rv, yv, sv, weight, bias, mean, rstd, N, G, Cg, 
         xv, rv if rv is not None else xv, sv if sv is not None else xv, part,
         N, G, Cg, C, S, cfg.p_chunk, cfg.split,
         *_strides(xv), *_strides(rv), *_strides(sv),
-        HAS_RES=rv is not None, BLOCK_P=cfg.block_p, BLOCK_CC=cfg.block_cc, INT64=int64,
+        HAS_RES=rv is not None, BLOCK_P=cfg.block_p, BLOCK_CC=cfg.block_cc,
+        BLOCK_GB=min(triton.next_power_of_2(G), 8), INT64=int64,
         num_warps=cfg.num_warps)
     K._gn_cl_merge_stats[(N * G,)](part, mean, rstd, cfg.split, float(eps),
                                    BLOCK_SPLIT=triton.next_power_of_2(cfg.split), num_warps=1)
@@ -453,8 +454,8 @@ def _backward_pixel_major(K, dyv, xsv, dsv, dxv, w, b, has_w, has_b, mean, rstd,
         *_strides(dyv), *_strides(xsv), **common)
     c1 = torch.empty((N * G,), dtype=torch.float32, device=xsv.device)
     c2 = torch.empty((N * G,), dtype=torch.float32, device=xsv.device)
-    K._gn_cl_bwd_terms[(N,)](dwp, dbp, w, c1, c2, G, Cg, C, cfg.split, 1.0 / (Cg * S),
-                             HAS_W=has_w, BLOCK_CC=cfg.block_cc, num_warps=4)
+    K._gn_cl_bwd_terms[(N * G,)](dwp, dbp, w, c1, c2, G, Cg, C, cfg.split, 1.0 / (Cg * S),
+                                 HAS_W=has_w, BLOCK_CG=triton.next_power_of_2(Cg), num_warps=1)
     K._gn_cl_bwd_dx[grid](
         dyv, xsv, w, b, mean, rstd, dsv if dsv is not None else xsv, dxv, c1, c2,
         N, G, Cg, C, S, cfg.p_chunk, cfg.split,
