@@ -20,8 +20,8 @@ reverse, so that it starts on the data the first stage read last (still in L2).
 Forward (statistics in fp32, never E[x^2] - E[x]^2)::
 
     s    = round_to_x_dtype(x + residual)       (written to SUM when a residual is fused)
-    per tile: count, tile mean, centred sum of squares; tiles and chunks are merged with
-    Chan's parallel formula (mean = sum c_j m_j / sum c_j,
+    each tile lane keeps a Welford (count, mean, M2) over the tiles it sees; lanes, then
+    chunks, are merged with Chan's parallel formula (mean = sum c_j m_j / sum c_j,
     M2 = sum M2_j + sum c_j (m_j - mean)^2), always in the same order
     rstd = 1 / sqrt(M2 / D + eps)
     y    = act((s - mean) * rstd * w[c] + b[c])
@@ -37,6 +37,9 @@ sum(dxhat * xhat) = sum_c w[c] * DWP[n, c], so one pass writes per-(sample, chun
 fp32 partials DWP/DBP; the dx pass combines them per group and ``_gn_bwd_dwdb`` sums them
 over the rows for dW/dB. Every reduction runs in a fixed order: no atomics, bitwise
 deterministic for a given configuration.
+
+The ``_gn_cl_*`` kernels at the end are the pixel-major variant for channels-last input
+(see their section): same math, a tile row is a whole pixel.
 
 Offsets are int64 when ``INT64`` (a tensor of 2^31 elements or more), int32 otherwise.
 ``CG_DIV`` (a power of 2 dividing Cg, <= 16) and ``EVEN_C`` (BLOCK_C divides Cg) tell the
