@@ -15,7 +15,6 @@ import json
 import typing
 from dataclasses import dataclass, field
 
-from .norms import BATCH_NORMS
 
 
 @dataclass

@@ -132,12 +132,16 @@ class GhostBatchNorm(nn.Module):
         # syncbn under torchrun: statistics over the samples of all processes. The sums are
         # all-reduced with autograd, so gradients flow to every process's samples (this
         # works with gloo on CPU, where torch.nn.SyncBatchNorm does not).
+        import warnings
+
         from torch.distributed.nn.functional import all_reduce
 
         red = [0] + list(range(2, x.dim()))
         local = torch.cat([x.sum(red), (x * x).sum(red),
                            x.new_full((1,), float(x.numel() // x.shape[1]))])
-        tot = all_reduce(local)
+        with warnings.catch_warnings():  # deprecation notice; the replacement has no autograd
+            warnings.simplefilter("ignore", FutureWarning)
+            tot = all_reduce(local)
         c = self.num_features
         count = tot[2 * c]
         mean = tot[:c] / count

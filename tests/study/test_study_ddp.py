@@ -120,3 +120,25 @@ def test_two_gloo_processes_match_ghost_batches(tmp_path):
     # the two set-ups really differ (the comparison above can fail)
     bn_rv = [k for k in res["bn"] if k.endswith("running_var")][0]
     assert not np.allclose(res["bn"][bn_rv], res["syncbn"][bn_rv])
+
+
+def test_torchrun_cli_sweep(tmp_path):
+    """`torchrun --nproc_per_node 2 -m groupnorm ...` runs the sweep; rank 0 writes the outputs."""
+    rng = np.random.default_rng(1)
+    y = np.arange(64) % 4
+    x = rng.normal(size=(64, 6, 6)).astype(np.float32) + y[:, None, None]
+    data_path = str(tmp_path / "d.npz")
+    np.savez(data_path, x_train=x, y_train=y, x_test=x[:16], y_test=y[:16])
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "groupnorm", "--data", data_path, "--widths", "4",
+           "--norms", "bn", "syncbn", "--batch-sizes", "4", "2", "--seeds", "0", "--total-batch", "8",
+           "--epochs", "1", "--median-last", "1", "--no-progress", "--out", str(out)]
+    p = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "| bn |" in p.stdout and p.stdout.count("| bn |") == 1  # printed once, by rank 0
+    report = (out / "report.md").read_text()
+    assert "2 process(es)" in report
+    with open(out / "study.json") as f:
+        assert json.load(f)["machine"]["processes"] == 2
