@@ -94,81 +94,108 @@ def bench_one(f, reps, warmup=3):
 
 def rows_for(name, shape, G, dtype_name, layout, reps):
     dtype = DTYPES[dtype_name]
-    C = shape[1]
+    N, C = shape[0], shape[1]
     numel = 1
     for s in shape:
         numel *= s
+    HW = numel // (N * C)
     esize = torch.empty(0, dtype=dtype).element_size()
+    eps = 1e-5
     x = make(shape, dtype, layout)
     w = torch.randn(C, dtype=dtype)
     b = torch.randn(C, dtype=dtype)
+    r = make(shape, dtype, layout)
+    dy = make(shape, dtype, layout)
     out = []
 
     # kernel bandwidth (preallocated output) and the copy ceiling for the same tensors
     y_pre = torch.empty_like(x)
-    t_k = bench_one(lambda: gcpu.forward(x, w, b, None, G, 1e-5, "none", out=y_pre), reps)
+    t_k = bench_one(lambda: gcpu.forward(x, w, b, None, G, eps, "none", out=y_pre), reps)
     t_c = bench_one(lambda: y_pre.copy_(x), reps)
-    gbs = 2 * numel * esize / t_k.med / 1e9
-    copy_gbs = 2 * numel * esize / t_c.med / 1e9
+    gbs = (2 * numel * esize / t_k.med / 1e9, 2 * numel * esize / t_k.min / 1e9)
+    copy_gbs = (2 * numel * esize / t_c.med / 1e9, 2 * numel * esize / t_c.min / 1e9)
     del y_pre
 
-    def add(direction, t_ours, t_ref, vs):
-        out.append(dict(shape=name, dims=shape, G=G, dtype=dtype_name, layout=layout, dir=direction,
-                        ours_ms=t_ours.med * 1e3, ref_ms=t_ref.med * 1e3, ratio=t_ref.med / t_ours.med,
-                        ratio_min=t_ref.min / t_ours.min, vs=vs,
-                        gbs=gbs if direction == "fwd" else None,
-                        copy_gbs=copy_gbs if direction == "fwd" else None))
+    # --- kernel level: our launcher vs torch's ATen ops, no autograd (both allocate outputs)
+    nat_fwd = lambda xx: torch.native_group_norm(xx, w, b, N, C, HW, G, eps)  # noqa: E731
 
-    # forward
-    ta, tb = bench_pair(lambda: groupnorm.group_norm(x, G, w, b), lambda: F.group_norm(x, G, w, b), reps)
-    add("fwd", ta, tb, "torch")
+    def nat_bwd(g, xx, m, rs):
+        return torch.ops.aten.native_group_norm_backward(g, xx, m, rs, w, N, C, HW, G, [True, True, True])
 
+    def k_ours(act, res, bwd):
+        def run():
+            y, m, rs, s = gcpu.forward(x, w, b, r if res else None, G, eps, act)
+            if bwd:
+                gcpu.backward(dy, None, s if res else x, w, b, m, rs, G, act)
+        return run
+
+    def k_torch(act, res, bwd):
+        def run():
+            xs = torch.add(x, r) if res else x
+            z, m, rs = nat_fwd(xs)
+            y = F.silu(z) if act == "silu" else z
+            if bwd:
+                g = torch.ops.aten.silu_backward(dy, z) if act == "silu" else dy
+                nat_bwd(g, xs, m, rs)
+        return run
+
+    # --- API level: the public ops with autograd, what a user calls
     xg = x.detach().clone().requires_grad_(True)
     wg = w.detach().clone().requires_grad_(True)
     bg = b.detach().clone().requires_grad_(True)
-    dy = make(shape, dtype, layout)
+    rg = r.detach().clone().requires_grad_(True)
 
-    def fb(fn):
-        def run():
-            xg.grad = wg.grad = bg.grad = None
-            fn().backward(dy)
-        return run
-
-    ta, tb = bench_pair(fb(lambda: groupnorm.group_norm(xg, G, wg, bg)),
-                        fb(lambda: F.group_norm(xg, G, wg, bg)), reps)
-    add("fwd+bwd", ta, tb, "torch")
-
-    # fused SiLU vs eager GN -> SiLU
-    ta, tb = bench_pair(lambda: groupnorm.group_norm(x, G, w, b, activation="silu"),
-                        lambda: F.silu(F.group_norm(x, G, w, b)), reps)
-    add("silu fwd", ta, tb, "eager GN->SiLU")
-    ta, tb = bench_pair(fb(lambda: groupnorm.group_norm(xg, G, wg, bg, activation="silu")),
-                        fb(lambda: F.silu(F.group_norm(xg, G, wg, bg))), reps)
-    add("silu fwd+bwd", ta, tb, "eager GN->SiLU")
-
-    # fused residual + SiLU vs eager (x + r) -> GN -> SiLU
-    rg = make(shape, dtype, layout, requires_grad=True)
-
-    def fbr(fn):
+    def a_ours(act, res, bwd):
         def run():
             xg.grad = wg.grad = bg.grad = rg.grad = None
-            fn().backward(dy)
+            with torch.set_grad_enabled(bwd):
+                y = groupnorm.group_norm(xg, G, wg, bg, activation=act if act != "none" else None,
+                                         residual=rg if res else None)
+            if bwd:
+                y.backward(dy)
         return run
 
-    ta, tb = bench_pair(fbr(lambda: groupnorm.group_norm(xg, G, wg, bg, activation="silu", residual=rg)),
-                        fbr(lambda: F.silu(F.group_norm(xg + rg, G, wg, bg))), reps)
-    add("res+silu fwd+bwd", ta, tb, "eager add->GN->SiLU")
+    def a_torch(act, res, bwd):
+        def run():
+            xg.grad = wg.grad = bg.grad = rg.grad = None
+            with torch.set_grad_enabled(bwd):
+                y = F.group_norm(xg + rg if res else xg, G, wg, bg)
+                if act == "silu":
+                    y = F.silu(y)
+            if bwd:
+                y.backward(dy)
+        return run
+
+    for direction, act, res, bwd, vs in (
+        ("fwd", "none", False, False, "torch GN"),
+        ("fwd+bwd", "none", False, True, "torch GN"),
+        ("silu fwd", "silu", False, False, "GN->SiLU"),
+        ("silu fwd+bwd", "silu", False, True, "GN->SiLU"),
+        ("res+silu fwd+bwd", "silu", True, True, "add->GN->SiLU"),
+    ):
+        ka, kb = bench_pair(k_ours(act, res, bwd), k_torch(act, res, bwd), reps)
+        aa, ab = bench_pair(a_ours(act, res, bwd), a_torch(act, res, bwd), reps)
+        out.append(dict(shape=name, dims=shape, G=G, dtype=dtype_name, layout=layout, dir=direction, vs=vs,
+                        k_ours=ka.med * 1e3, k_ref=kb.med * 1e3, k_ratio=kb.med / ka.med,
+                        k_best=kb.min / ka.min,
+                        a_ours=aa.med * 1e3, a_ref=ab.med * 1e3, a_ratio=ab.med / aa.med,
+                        a_best=ab.min / aa.min,
+                        gbs=gbs if direction == "fwd" else None,
+                        copy_gbs=copy_gbs if direction == "fwd" else None))
     return out
 
 
 def fmt_table(rows):
-    lines = ["| shape | G | dtype | layout | row | ours ms | ref ms | speedup (median) | speedup (best) | ref | kernel GB/s | copy GB/s |",
-             "|---|---|---|---|---|---:|---:|---:|---:|---|---:|---:|"]
+    lines = ["| shape | dtype | layout | row (ref) | kernel ms ours / ref | kernel speedup median (best) "
+             "| API ms ours / ref | API speedup median (best) | fwd kernel GB/s median (best) | copy GB/s median (best) |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        gb = (f"{r['gbs'][0]:.1f} ({r['gbs'][1]:.1f}) | {r['copy_gbs'][0]:.1f} ({r['copy_gbs'][1]:.1f})"
+              if r["gbs"] is not None else " | ")
         lines.append(
-            f"| {r['shape']} {tuple(r['dims'])} | {r['G']} | {r['dtype']} | {r['layout']} | {r['dir']} | "
-            f"{r['ours_ms']:.3f} | {r['ref_ms']:.3f} | {r['ratio']:.2f}x | {r['ratio_min']:.2f}x | {r['vs']} | "
-            + (f"{r['gbs']:.1f} | {r['copy_gbs']:.1f} |" if r["gbs"] is not None else " | |"))
+            f"| {r['shape']} {tuple(r['dims'])} G={r['G']} | {r['dtype']} | {r['layout']} | {r['dir']} ({r['vs']}) | "
+            f"{r['k_ours']:.3f} / {r['k_ref']:.3f} | {r['k_ratio']:.2f}x ({r['k_best']:.2f}x) | "
+            f"{r['a_ours']:.3f} / {r['a_ref']:.3f} | {r['a_ratio']:.2f}x ({r['a_best']:.2f}x) | {gb} |")
     return "\n".join(lines)
 
 
@@ -257,8 +284,9 @@ def main():
                 rows += rows_for(name, shape, G, dt, layout, reps)
                 print(fmt_table(rows[-5:]).split("\n", 2)[2], file=sys.stderr, flush=True)
     print(fmt_table(rows))
-    worst = min(rows, key=lambda r: r["ratio"])
-    print(f"\nworst median speedup: {worst['ratio']:.2f}x ({worst['shape']} {worst['dtype']} {worst['layout']} {worst['dir']})")
+    for key in ("k_ratio", "k_best", "a_ratio", "a_best"):
+        worst = min(rows, key=lambda r: r[key])
+        print(f"- worst {key}: {worst[key]:.2f}x ({worst['shape']} {worst['dtype']} {worst['layout']} {worst['dir']})")
     print(f"- load average at end: {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
 
 

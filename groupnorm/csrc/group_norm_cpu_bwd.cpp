@@ -25,6 +25,9 @@ void bwd_nchw(const T* dy, const T* dsum, const T* x, const AccT<T>* w, const Ac
   constexpr int64_t kV = V::size();
   const int64_t Cg = C / G, D = Cg * HW;
   at::parallel_for(0, N * G, 1, [&](int64_t beg, int64_t end) {
+    // with an activation, pass 1 keeps dz = dy * act'(z) of the group (fp32, in L2) so that
+    // pass 2 needs neither dy nor a second act' evaluation (exp + reciprocal per value)
+    std::vector<S> dzbuf(ACT != kNone ? D : 0);
     for (int64_t ng = beg; ng < end; ng++) {
       const int64_t n = ng / G, g = ng % G;
       const S m = mean[ng], rs = rstd[ng];
@@ -36,6 +39,7 @@ void bwd_nchw(const T* dy, const T* dsum, const T* x, const AccT<T>* w, const Ac
         const V vw(wc), vb(bc);
         const T* xr = x + ng * D + ci * HW;
         const T* dyr = dy + ng * D + ci * HW;
+        S* dzp = ACT != kNone ? dzbuf.data() + ci * HW : nullptr;
         V a0(0), a1(0), q0(0), q1(0);
         int64_t i = 0;
         auto dz_of = [&](const V& xh, const V& d) {
@@ -45,6 +49,10 @@ void bwd_nchw(const T* dy, const T* dsum, const T* x, const AccT<T>* w, const Ac
         for (; i + 2 * kV <= HW; i += 2 * kV) {
           V xh0 = (IO<T>::load(xr + i) - vm) * vr, xh1 = (IO<T>::load(xr + i + kV) - vm) * vr;
           V dz0 = dz_of(xh0, IO<T>::load(dyr + i)), dz1 = dz_of(xh1, IO<T>::load(dyr + i + kV));
+          if constexpr (ACT != kNone) {
+            dz0.store(dzp + i);
+            dz1.store(dzp + i + kV);
+          }
           a0 += dz0;
           a1 += dz1;
           q0 = at::vec::fmadd(dz0, xh0, q0);
@@ -53,6 +61,7 @@ void bwd_nchw(const T* dy, const T* dsum, const T* x, const AccT<T>* w, const Ac
         for (; i + kV <= HW; i += kV) {
           V xh = (IO<T>::load(xr + i) - vm) * vr;
           V dz = dz_of(xh, IO<T>::load(dyr + i));
+          if constexpr (ACT != kNone) dz.store(dzp + i);
           a0 += dz;
           q0 = at::vec::fmadd(dz, xh, q0);
         }
@@ -60,6 +69,7 @@ void bwd_nchw(const T* dy, const T* dsum, const T* x, const AccT<T>* w, const Ac
           const int64_t k = HW - i;
           V xh = keep_n((load_n(xr + i, k) - vm) * vr, k);
           V dz = keep_n(dz_of(xh, load_n(dyr + i, k)), k);
+          if constexpr (ACT != kNone) dz.store(dzp + i, k);
           a1 += dz;
           q1 = at::vec::fmadd(dz, xh, q1);
         }
@@ -73,28 +83,27 @@ void bwd_nchw(const T* dy, const T* dsum, const T* x, const AccT<T>* w, const Ac
       const V k1(c1), k2(c2);
       for (int64_t ci = 0; ci < Cg; ci++) {
         const int64_t c = g * Cg + ci;
-        const S wc = w ? w[c] : S(1), bc = b ? b[c] : S(0);
-        const V vw(wc), vb(bc);
+        const S wc = w ? w[c] : S(1);
+        const V vw(wc);
         const int64_t off = ng * D + ci * HW;
         const T* xr = x + off;
         const T* dyr = dy + off;
         T* dxr = dx + off;
-        auto dx_of = [&](const V& xv, const V& d) {
+        const S* dzp = ACT != kNone ? dzbuf.data() + ci * HW : nullptr;
+        auto dx_of = [&](const V& xv, const V& dz) {
           V xh = (xv - vm) * vr;
-          V dz = d;
-          if constexpr (ACT != kNone) dz = d * act_grad<ACT>(at::vec::fmadd(xh, vw, vb));
           // the reference's order: (dz * w - c1 - xhat * c2) * rstd (exact 0 for 1-value groups)
           return ((dz * vw - k1) - xh * k2) * vr;
         };
         int64_t i = 0;
         for (; i + kV <= HW; i += kV) {
-          V r = dx_of(IO<T>::load(xr + i), IO<T>::load(dyr + i));
+          V r = dx_of(IO<T>::load(xr + i), ACT != kNone ? V::loadu(dzp + i) : IO<T>::load(dyr + i));
           if (dsum) r = r + IO<T>::load(dsum + off + i);
           IO<T>::store(dxr + i, r);
         }
         if (i < HW) {
           const int64_t k = HW - i;
-          V r = dx_of(load_n(xr + i, k), load_n(dyr + i, k));
+          V r = dx_of(load_n(xr + i, k), ACT != kNone ? V::loadu(dzp + i, k) : load_n(dyr + i, k));
           if (dsum) r = r + load_n(dsum + off + i, k);
           store_n(dxr + i, r, k);
         }
