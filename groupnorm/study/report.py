@@ -49,8 +49,8 @@ def rows(pairs):
         out.append(dict(key=rc["key"], label=run_label(rc), norm=rc["norm"], num_groups=rc.get("num_groups"),
                         group_size=rc.get("group_size"), per_device_batch=rc["per_device_batch"],
                         total_batch=rc["total_batch"], ghosts=rc["ghosts"], lr=rc["lr_scaled"], seed=rc["seed"],
-                        error=r["error"], last_val_errs=" ".join(f"{v:.2f}" for v in r["last_val_errs"]),
-                        final_train_err=r["final_train_err"], epochs=rc["epochs"], steps=r["steps"],
+                        error=round(r["error"], 4), last_val_errs=" ".join(f"{v:.2f}" for v in r["last_val_errs"]),
+                        final_train_err=round(r["final_train_err"], 4), epochs=rc["epochs"], steps=r["steps"],
                         time_s=round(r["time_s"], 2), diverged=r["diverged"], role=rc.get("role", "main")))
     return out
 

@@ -63,7 +63,7 @@ def test_end_to_end_tables_plots_report_hold_the_logged_numbers(tmp_path):
         key = (row["norm"], int(row["per_device_batch"]), int(row["seed"]),
                int(row["num_groups"]) if row["num_groups"] else None,
                int(row["group_size"]) if row["group_size"] else None)
-        assert float(row["error"]) == pytest.approx(logged[key])
+        assert float(row["error"]) == pytest.approx(logged[key], abs=1e-4)  # CSV keeps 4 decimals
     md = open(files["md"]).read()
     bn8 = [logged[("bn", 8, s, None, None)] for s in (0, 1)]
     assert f"{np.mean(bn8):.2f} ± {np.std(bn8, ddof=1):.2f}" in md
