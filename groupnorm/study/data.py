@@ -14,8 +14,9 @@ int64 labels). Accepted values:
 
 Layout rules for ``.npz`` arrays (N = samples): ``(N, H, W)`` is one-channel 2-D;
 ``(N, C, H, W)`` or ``(N, H, W, C)`` with C in {1, 3, 4} is 2-D; any other 4-D array
-``(N, D, H, W)`` is one-channel volumetric (3-D); ``(N, C, D, H, W)`` is volumetric;
-``(N, C, L)`` is 1-D. Integer images (uint8) are scaled by 1/255 first.
+``(N, D, H, W)`` is one-channel volumetric (3-D); ``(N, C, D, H, W)`` is volumetric.
+(1-D models exist too; use them from Python with ``build_model(..., dims=1)``.) Integer
+images (uint8) are scaled by 1/255 first.
 """
 
 from __future__ import annotations
@@ -215,8 +216,6 @@ def load_npz(path: str):
             raise DatasetError(f"npz {path!r} lacks {missing}; it holds {z.files}. Save it with "
                                "np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)")
         xtr, ytr, xte, yte = (z[k] for k in ("x_train", "y_train", "x_test", "y_test"))
-    if xtr.ndim == 3 and xtr.shape[1] in (1, 3, 4) and xtr.shape[2] > 4:
-        pass  # (N, C, L) is ambiguous with (N, H, W); treated as (N, H, W)
     return _layout(xtr, "x_train"), ytr, _layout(xte, "x_test"), yte
 
 

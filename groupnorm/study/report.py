@@ -289,13 +289,13 @@ def write_outputs(cfg: StudyConfig, pairs, *, data, machine, trained, wall_s) ->
     return files
 
 
-def _saved_data_desc(cfg) -> str:
-    """The data description the sweep saved in study.json (for --report-only)."""
+def _saved(cfg, key, default):
+    """A field the sweep saved in study.json (also available to --report-only)."""
     try:
         with open(os.path.join(cfg.out, "study.json")) as f:
-            return json.load(f)["data"]
+            return json.load(f)[key]
     except (OSError, KeyError, ValueError):
-        return cfg.data
+        return default
 
 
 def report_text(cfg, pairs, rws, table, abl, data, machine, trained, wall_s, files) -> str:
@@ -311,7 +311,8 @@ def report_text(cfg, pairs, rws, table, abl, data, machine, trained, wall_s, fil
          f"Generated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC} by groupnorm "
          f"{machine.get('groupnorm')}.", "",
          "## What was run", "",
-         f"- Data: {data.describe() if data is not None else _saved_data_desc(cfg)}",
+         f"- Command: `{_saved(cfg, 'command', '?')}`",
+         f"- Data: {data.describe() if data is not None else _saved(cfg, 'data', cfg.data)}",
          f"- Model: {model}" + (f", {n_params:,} parameters" if n_params else ""),
          f"- Norms: {', '.join(dict.fromkeys(r['label'] for r in rws))}",
          f"- Per-device batch sizes: {cfg.batch_sizes}; seeds: {cfg.seeds}",

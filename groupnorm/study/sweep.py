@@ -89,6 +89,14 @@ def machine_info() -> dict:
                 groupnorm=package_version())
 
 
+def command_line() -> str:
+    """How this process was started, e.g. ``groupnorm --preset quick``."""
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
+    if prog in ("__main__.py", "-c", "-m"):
+        prog = "python -m groupnorm"
+    return " ".join([prog] + sys.argv[1:])
+
+
 def default_threads() -> int:
     """Torch threads per process: one core left free, at least 1.
 
@@ -137,7 +145,8 @@ def run_sweep(cfg: StudyConfig, *, data=None, log=print) -> dict:
     todo = dist.broadcast_object(list(dict.fromkeys(rc["key"] for rc in runs if load_result(cfg, rc["key"]) is None)))
     if is_main:
         write_json(os.path.join(cfg.out, "study.json"), dict(config=config_json(cfg), version=package_version(),
-                                                              machine=machine_info(), data=data.describe()))
+                                                              machine=machine_info(), data=data.describe(),
+                                                              command=command_line()))
         log(f"[groupnorm] {data.describe()}")
         nkeys = len({rc["key"] for rc in runs})
         log(f"[groupnorm] {nkeys} distinct runs ({len(runs)} table cells), {nkeys - len(todo)} already finished "

@@ -34,3 +34,18 @@ def test_resnet_zero_inits_last_norm_and_conv_bias_only_without_norm():
         build_model("resnet", "bn", 3, 10, depth=10)
     with pytest.raises(ValueError, match="unknown model"):
         build_model("vit", "bn", 3, 10)
+
+
+def test_augment_crops_and_flips_within_the_padded_image():
+    from groupnorm.study.train import augment
+
+    x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).reshape(2, 3, 6, 6) + 1
+    out = augment(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    # every output value is 0 (padding) or a value of the same image and channel
+    for k in range(2):
+        for c in range(3):
+            vals = set(out[k, c].flatten().tolist()) - {0.0}
+            assert vals <= set(x[k, c].flatten().tolist())
+    x3 = torch.randn(2, 1, 4, 4, 4)
+    assert augment(x3, torch.Generator()) is x3  # volumes are left alone
