@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     try:
         dist.init_from_env()
         out = report_only(cfg) if ns.report_only else run_sweep(cfg)
-    except DatasetError as e:
+    except (DatasetError, ValueError) as e:  # bad data or settings: the message names values and fix
         print(f"groupnorm: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -39,7 +39,7 @@ class StudyConfig:
     batch_sizes: list[int] = field(default_factory=lambda: [32, 16, 8, 4, 2, 1])  # per device
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     devices: int = 1  # simulated devices per step (ghost batches) when total_batch = 0
-    total_batch: int = 0  # fixed batch per optimizer step; 0 = devices x per-device batch
+    total_batch: int = 32  # fixed batch per optimizer step (ghost batches); 0 = devices x per-device batch
     gn_groups: int = 0  # GN groups G (0: use gn_group_size)
     gn_group_size: int = 4  # GN channels per group (used when gn_groups = 0)
     ablation: list[str] = field(default_factory=list)  # GN grouping ablation: G<n> or C<n> (channels/group)

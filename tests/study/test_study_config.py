@@ -74,5 +74,5 @@ def test_run_keys_identify_computations():
                and r.get("group_size") == 4) == 1
     assert run_configs(cfg) == runs  # deterministic
     assert run_key(dict(runs[0], lr=0.2)) != runs[0]["key"]
-    assert total_batch(make_config(devices=8), 4) == 32
+    assert total_batch(make_config(devices=8, total_batch=0), 4) == 32
     assert parse_grouping("G8") == {"num_groups": 8, "group_size": None}

@@ -88,6 +88,11 @@ def test_cli_runs_and_prints_the_table(tmp_path, capsys):
     assert os.path.exists(out / "report.md") and os.path.exists(out / "study.json")
     assert main(["--data", str(tmp_path / "missing.npz"), "--out", str(out)]) == 2
     assert "no such file" in capsys.readouterr().err
+    assert main(["--data", data, "--total-batch", "128", "--batch-sizes", "4", "--norms", "gn", "--seeds", "0",
+                 "--no-progress", "--out", str(tmp_path / "big")]) == 2
+    assert "smaller than one step of 128" in capsys.readouterr().err
+    assert main(["--batch-sizes", "3", "--out", str(out)]) == 2
+    assert "--total-batch 32 is not a multiple of per-device batch(es) [3]" in capsys.readouterr().err
     assert main(["--report-only", "--data", data, "--widths", "4", "--norms", "gn", "none", "--batch-sizes",
                  "4", "--seeds", "0", "--total-batch", "8", "--epochs", "1", "--median-last", "1",
                  "--gn-group-size", "2", "--out", str(out)]) == 0
