@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     from .study.sweep import report_only, run_sweep
 
     try:
-        dist.init_from_env()
+        dist.init_from_env(cfg.device)
         out = report_only(cfg) if ns.report_only else run_sweep(cfg)
     except (DatasetError, ValueError) as e:  # bad data or settings: the message names values and fix
         print(f"groupnorm: error: {e}", file=sys.stderr)

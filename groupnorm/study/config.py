@@ -63,6 +63,7 @@ class StudyConfig:
     renorm_warmup_epochs: float = 1.0  # rmax/dmax ramp from 1/0
     # running
     out: str = "study_out"  # output directory (runs/, results.csv, results.md, report.md, figures)
+    device: str = "cpu"  # cpu | cuda (under torchrun: cuda:LOCAL_RANK, NCCL)
     threads: int = 0  # torch threads per process (0: cores / processes - 1, at least 1)
     progress: bool = True  # tqdm progress bars
 
@@ -191,6 +192,8 @@ def validate(cfg: StudyConfig) -> None:
         raise ValueError(f"--median-last must be in 1..epochs={cfg.epochs}, got {cfg.median_last}")
     if cfg.evals_per_epoch < 1:
         raise ValueError(f"--evals-per-epoch must be >= 1, got {cfg.evals_per_epoch}")
+    if cfg.device != "cpu" and not cfg.device.startswith("cuda"):
+        raise ValueError(f"--device must be 'cpu' or 'cuda' (got {cfg.device!r})")
     if cfg.model not in ("plain", "resnet"):
         raise ValueError(f"--model must be 'plain' or 'resnet', got {cfg.model!r}")
     if cfg.model == "resnet" and (cfg.depth < 8 or (cfg.depth - 2) % 6):
@@ -226,7 +229,7 @@ def scaled_lr(lr: float, total: int, base_batch: int) -> float:
 
 
 # Fields that do not change what a run computes, so they are not part of its key.
-_NOT_IN_KEY = {"preset", "out", "threads", "progress", "norms", "batch_sizes", "seeds", "ablation",
+_NOT_IN_KEY = {"preset", "out", "device", "threads", "progress", "norms", "batch_sizes", "seeds", "ablation",
                "ablation_batch", "ablation_seeds", "gn_groups", "gn_group_size", "devices", "total_batch"}
 
 

@@ -27,29 +27,45 @@ def rank() -> int:
     return td.get_rank() if is_dist() else 0
 
 
-def init_from_env() -> bool:
+def init_from_env(device: str = "cpu") -> bool:
     """Initialize the process group if launched by torchrun (``WORLD_SIZE`` > 1).
 
-    Returns True when running distributed. Backend: NCCL if CUDA is available, else gloo.
+    Returns True when running distributed. Backend: NCCL for ``device="cuda"`` (each
+    process on GPU ``LOCAL_RANK``), gloo for the CPU.
     """
     if is_dist():
         return True
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    td.init_process_group(backend=backend)
+    backend = "nccl" if device.startswith("cuda") else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    td.init_process_group(backend=backend)
     return True
+
+
+def device_for(device: str) -> torch.device:
+    """The torch device of this process: ``cuda`` becomes ``cuda:LOCAL_RANK`` under torchrun."""
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is available here; use --device cpu")
+        if device == "cuda" and is_dist():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device(device)
+
+
+def _comm_device() -> torch.device:
+    # NCCL reduces CUDA tensors only; gloo takes CPU tensors
+    return torch.device("cuda", torch.cuda.current_device()) if td.get_backend() == "nccl" else torch.device("cpu")
 
 
 def all_sum(values: list) -> list:
     """Sum a list of numbers over processes (identity in one process)."""
     if not is_dist():
         return list(values)
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_comm_device())
     td.all_reduce(t)
-    return t.tolist()
+    return t.cpu().tolist()
 
 
 @torch.no_grad()

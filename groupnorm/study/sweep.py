@@ -164,7 +164,7 @@ def run_sweep(cfg: StudyConfig, *, data=None, log=print) -> dict:
         if is_main:
             write_json(os.path.join(run_dir(cfg, rc["key"]), "config.json"),
                        dict(run=rc, version=package_version(), machine=machine_info()))
-        res = train_run(rc, data, progress=cfg.progress, desc=desc)
+        res = train_run(rc, data, progress=cfg.progress, desc=desc, device=cfg.device)
         if is_main:
             write_json(os.path.join(run_dir(cfg, rc["key"]), "result.json"),
                        dict(res, key=rc["key"], version=package_version()))

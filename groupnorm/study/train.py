@@ -69,11 +69,13 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     xp = F.pad(x, (4, 4, 4, 4))
     i = torch.randint(0, 9, (n,), generator=gen)
     j = torch.randint(0, 9, (n,), generator=gen)
-    b = torch.arange(n)[:, None, None]
-    r = (i[:, None] + torch.arange(h))[:, :, None]
-    c = (j[:, None] + torch.arange(w))[:, None, :]
+    d = x.device  # random numbers from the CPU generator, indices on the data's device
+    i, j = i.to(d), j.to(d)
+    b = torch.arange(n, device=d)[:, None, None]
+    r = (i[:, None] + torch.arange(h, device=d))[:, :, None]
+    c = (j[:, None] + torch.arange(w, device=d))[:, None, :]
     out = xp.permute(0, 2, 3, 1)[b, r, c].permute(0, 3, 1, 2).contiguous()  # (n, C, h, w) crops
-    flip = torch.rand(n, generator=gen) < 0.5
+    flip = (torch.rand(n, generator=gen) < 0.5).to(d)
     out[flip] = out[flip].flip(-1)
     return out
 
@@ -84,7 +86,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 10
     model.eval()
     wrong, loss, n = 0, 0.0, 0
     # under torchrun each process evaluates a strided share, then the counts are summed
-    idx = torch.arange(dist.rank(), len(y), dist.world_size())
+    idx = torch.arange(dist.rank(), len(y), dist.world_size(), device=y.device)
     for s in range(0, len(idx), batch):
         b = idx[s:s + batch]
         out = model(x[b])
@@ -97,7 +99,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 10
 
 
 def train_run(rc: dict, data: Dataset, *, progress: bool = False, desc: str = "",
-              max_steps: Optional[int] = None, keep_model: bool = False) -> dict:
+              max_steps: Optional[int] = None, keep_model: bool = False, device: str = "cpu") -> dict:
     """Train one configuration and return its results and curves.
 
     Args:
@@ -107,6 +109,7 @@ def train_run(rc: dict, data: Dataset, *, progress: bool = False, desc: str = ""
         desc (str): the bar's label.
         max_steps (int, optional): stop early (tests only; the result says so).
         keep_model (bool): also return the trained model under ``"model"``.
+        device (str): ``cpu`` or ``cuda`` (not part of the run's identity).
 
     Returns:
         dict: ``error`` (median val error % of the last ``median_last`` epochs),
@@ -126,14 +129,18 @@ def train_run(rc: dict, data: Dataset, *, progress: bool = False, desc: str = ""
     warmup_steps = int(round(rc["warmup_epochs"] * steps_per_epoch))
     eval_at = {round(steps_per_epoch * (k + 1) / rc["evals_per_epoch"]) for k in range(rc["evals_per_epoch"])}
 
-    model = make_model(rc, data)
+    dev = dist.device_for(device)
+    model = make_model(rc, data).to(dev)
+    x_train, y_train = data.x_train.to(dev), data.y_train.to(dev)
+    x_test, y_test = data.x_test.to(dev), data.y_test.to(dev)
     if world > 1:
         # bn statistics stay per process (syncbn all-reduces its own). Buffers are not
         # broadcast: each process keeps its own BN running stats; they are averaged before
         # every evaluation (dist.average_buffers), as ghost batches do in one process.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # broadcast_buffers rename notice
-            ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+            ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False,
+                                                  device_ids=[dev.index] if dev.type == "cuda" else None)
     else:
         ddp = model
     opt = torch.optim.SGD(param_groups(model, rc["weight_decay"], rc["wd_norm"]), lr=rc["lr_scaled"],
@@ -154,8 +161,8 @@ def train_run(rc: dict, data: Dataset, *, progress: bool = False, desc: str = ""
         for s in range(steps_per_epoch):
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total_steps, warmup_steps, rc["lr_scaled"])
-            idx = perm[s * T:(s + 1) * T][share]
-            x, y = data.x_train[idx], data.y_train[idx]
+            idx = perm[s * T:(s + 1) * T][share].to(dev)
+            x, y = x_train[idx], y_train[idx]
             if rc["augment"]:
                 x = augment(x, gen)
             out = ddp(x)  # BN layers normalize each run of n samples on its own
@@ -174,7 +181,7 @@ def train_run(rc: dict, data: Dataset, *, progress: bool = False, desc: str = ""
                 bar.update(1)
             if s + 1 in eval_at:
                 dist.average_buffers(model)
-                val_err, val_loss = evaluate(model, data.x_test, data.y_test)
+                val_err, val_loss = evaluate(model, x_test, y_test)
                 tl, tw, tn = dist.all_sum([run_loss, run_wrong, run_n])
                 curve.append(dict(epoch=epoch + (s + 1) / steps_per_epoch, train_loss=tl / tn,
                                   train_err=100.0 * tw / tn, val_err=val_err, val_loss=val_loss,

@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from groupnorm.cli import main
 from groupnorm.study.config import make_config, run_configs
@@ -91,6 +92,9 @@ def test_cli_runs_and_prints_the_table(tmp_path, capsys):
     assert main(["--data", data, "--total-batch", "128", "--batch-sizes", "4", "--norms", "gn", "--seeds", "0",
                  "--no-progress", "--out", str(tmp_path / "big")]) == 2
     assert "smaller than one step of 128" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["--data", data, "--device", "cuda", "--out", str(tmp_path / "gpu")]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
     assert main(["--batch-sizes", "3", "--out", str(out)]) == 2
     assert "--total-batch 32 is not a multiple of per-device batch(es) [3]" in capsys.readouterr().err
     assert main(["--report-only", "--data", data, "--widths", "4", "--norms", "gn", "none", "--batch-sizes",
