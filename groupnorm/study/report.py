@@ -145,9 +145,12 @@ def write_csv(path, rws):
     write_atomic(path, buf.getvalue())
 
 
-def _save_fig(fig, path):
+def _save_fig(fig, path, data=None):
+    # the plotted numbers go into the PNG's text metadata ("groupnorm-data", JSON), so a
+    # figure can be checked against the runs that produced it
+    meta = {"groupnorm-data": json.dumps(data, sort_keys=True)} if data is not None else None
     tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=90, bbox_inches="tight")
+    fig.savefig(tmp, dpi=90, bbox_inches="tight", metadata=meta)
     os.replace(tmp, path)
 
 
@@ -189,7 +192,7 @@ def plot_error_vs_batch(path, rws) -> bool:
         else:
             ax.set_title("Error vs batch size (bars: std over seeds, dots: seeds)")
             ax.legend()
-    _save_fig(fig, path)
+    _save_fig(fig, path, {label: {str(n): v for n, v in d.items()} for label, d in g.items()})
     plt.close(fig)
     return True
 
@@ -208,7 +211,7 @@ def plot_curves(path, pairs) -> bool:
     show = sorted({sizes[-1], sizes[0]}, reverse=True)
     seed0 = min(rc["seed"] for rc, _ in main)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=False)
-    colors = {}
+    colors, plotted = {}, {}
     keys_at_large = {rc["key"] for rc, _ in main if rc["per_device_batch"] == show[0]}
     for rc, r in main:
         if rc["seed"] != seed0 or rc["per_device_batch"] not in show:
@@ -220,6 +223,8 @@ def plot_curves(path, pairs) -> bool:
             colors[label] = f"C{len(colors)}"
         style = "-" if rc["per_device_batch"] == show[0] else "--"
         ep = [c["epoch"] for c in r["curve"]]
+        plotted[f"{label}, n={rc['per_device_batch']}"] = {k: [c[k] for c in r["curve"]]
+                                                           for k in ("epoch", "train_err", "val_err")}
         for ax, k in zip(axes, ("train_err", "val_err")):
             ax.plot(ep, [c[k] for c in r["curve"]], style, color=colors[label], marker=".",
                     label=f"{label}, n={rc['per_device_batch']}")
@@ -230,7 +235,7 @@ def plot_curves(path, pairs) -> bool:
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8)
     fig.suptitle(f"Training curves, seed {seed0} (solid: n={show[0]}, dashed: n={show[-1]})")
-    _save_fig(fig, path)
+    _save_fig(fig, path, plotted)
     plt.close(fig)
     return True
 

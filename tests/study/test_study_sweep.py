@@ -42,8 +42,10 @@ def test_end_to_end_tables_plots_report_hold_the_logged_numbers(tmp_path):
     files = res["files"]
     for k in ("csv", "md", "fig_error", "fig_curves", "report", "ablation"):
         assert os.path.getsize(files[k]) > 0, k
-    with open(files["fig_error"], "rb") as f:
-        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    fig1 = json.loads(Image.open(files["fig_error"]).info["groupnorm-data"])
+    fig4 = json.loads(Image.open(files["fig_curves"]).info["groupnorm-data"])
     logged = {}
     for rc in run_configs(cfg):
         d = os.path.join(cfg.out, "runs", rc["key"])
@@ -65,6 +67,16 @@ def test_end_to_end_tables_plots_report_hold_the_logged_numbers(tmp_path):
                int(row["num_groups"]) if row["num_groups"] else None,
                int(row["group_size"]) if row["group_size"] else None)
         assert float(row["error"]) == pytest.approx(logged[key], abs=1e-4)  # CSV keeps 4 decimals
+    # the figures plot exactly the logged numbers
+    assert sorted(fig1["bn"]["2"]) == pytest.approx(sorted(logged[("bn", 2, s, None, None)] for s in (0, 1)),
+                                                    abs=1e-4)
+    assert sorted(fig1["gn (2 ch/group)"]["8"]) == pytest.approx(
+        sorted(logged[("gn", 8, s, None, 2)] for s in (0, 1)), abs=1e-4)
+    with open(os.path.join(cfg.out, "runs", next(rc["key"] for rc in run_configs(cfg) if rc["norm"] == "bn"
+                                                 and rc["per_device_batch"] == 8 and rc["seed"] == 0),
+                           "result.json")) as f:
+        curve = json.load(f)["curve"]
+    assert fig4["bn, n=8"]["val_err"] == [c["val_err"] for c in curve]
     md = open(files["md"]).read()
     bn8 = [logged[("bn", 8, s, None, None)] for s in (0, 1)]
     assert f"{np.mean(bn8):.2f} ± {np.std(bn8, ddof=1):.2f}" in md
