@@ -167,7 +167,10 @@ def train_run(rc: dict, data: Dataset, *, progress: bool = False, desc: str = ""
                 x = augment(x, gen)
             out = ddp(x)  # BN layers normalize each run of n samples on its own
             loss = F.cross_entropy(out, y)
-            if not torch.isfinite(loss):
+            bad = not bool(torch.isfinite(loss))
+            if world > 1:  # all processes must stop together, or the others would hang
+                bad = dist.all_sum([bad])[0] > 0
+            if bad:
                 diverged = True
                 break
             opt.zero_grad(set_to_none=True)

@@ -148,3 +148,12 @@ def test_sigkilled_sweep_resumes_without_losing_runs_and_gives_same_table(tmp_pa
     fresh = tmp_path / "fresh"
     assert main([*common, "--out", str(fresh)]) == 0
     assert (killed / "results.md").read_text() == (fresh / "results.md").read_text()
+
+
+def test_divergence_is_recorded_not_raised(tmp_path):
+    cfg = _tiny(tmp_path, tmp_path / "div", norms=["none"], batch_sizes=[8], seeds=[0], ablation=[], lr=1e6,
+                warmup_epochs=0.0)
+    res = run_sweep(cfg, log=lambda *_: None)
+    (_, r), = res["runs"]
+    assert r["diverged"] and r["error"] == 100.0
+    assert "diverged" in open(res["files"]["report"]).read()
