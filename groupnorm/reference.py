@@ -50,18 +50,23 @@ def memory_format_of(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _grouped(t: Tensor, G: int) -> Tensor:
-    # (N, C, *) -> (N, G, C/G, *): splitting one dim is always a view, whatever the strides,
-    # so channels-last and strided inputs are read in place.
-    return t.unflatten(1, (G, t.shape[1] // G))
+def _group_mean(t: Tensor, G: int) -> Tensor:
+    """(N, C, *) -> (N, G): the mean over each group's channels and positions."""
+    # (N, C, *) -> (N, G, C/G, *) splits one dim, which is always a view whatever the
+    # strides, so channels-last and strided inputs are reduced in place
+    tv = t.unflatten(1, (G, t.shape[1] // G))
+    return tv.mean(dim=tuple(range(2, tv.dim())))
 
 
-def _per_channel(p: Tensor, G: int, ndim: int, dtype: torch.dtype) -> Tensor:
-    return p.to(dtype).view(G, p.shape[0] // G, *([1] * (ndim - 3)))
+def _bcast_group(stat: Tensor, C: int, nd: int) -> Tensor:
+    """(N, G) -> (N, C, 1, ...): a per-group statistic broadcast to its channels."""
+    N, G = stat.shape
+    return stat.repeat_interleave(C // G if G else 0, dim=1).view(N, C, *([1] * (nd - 2)))
 
 
-def _per_group(t: Tensor, ndim: int) -> Tensor:
-    return t.view(*t.shape, *([1] * (ndim - 2)))
+def _bcast_channel(p: Tensor, nd: int, dtype: torch.dtype) -> Tensor:
+    """(C,) -> (C, 1, ...)."""
+    return p.to(dtype).view(-1, *([1] * (nd - 2)))
 
 
 def _act(z: Tensor, activation: str) -> Tensor:
@@ -89,7 +94,10 @@ def _act_grad(z: Tensor, activation: str) -> Tensor:
 
 
 def _finish(t: Tensor, like: Tensor) -> Tensor:
-    out = t.flatten(1, 2).to(like.dtype)
+    # Elementwise math on the (N, C, *) shape gives fresh tensors (never views: an in-place op
+    # such as relu_ on the op's output must work) that follow x's strides; only a non-dense
+    # input needs its layout restored.
+    out = t.to(like.dtype)
     fmt = memory_format_of(like)
     return out if out.is_contiguous(memory_format=fmt) else out.contiguous(memory_format=fmt)
 
@@ -105,24 +113,19 @@ def forward(
 ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     """Reference forward. Returns ``(y, mean, rstd, sum)``; mean/rstd are (N, G) in
     :func:`acc_dtype`; ``sum`` is ``x + residual`` in x's dtype, or None without a residual."""
-    G = num_groups
+    G, C, nd = num_groups, x.shape[1], x.dim()
     s = x + residual if residual is not None else None
-    xs = s if s is not None else x
-    acc = acc_dtype(x.dtype)
-    xv = _grouped(xs, G).to(acc)
-    dims = tuple(range(2, xv.dim()))
-    mean = xv.mean(dim=dims, keepdim=True)
-    xc = xv - mean
-    var = (xc * xc).mean(dim=dims, keepdim=True)
-    rstd = torch.rsqrt(var + eps)
-    z = xc * rstd
+    xa = (s if s is not None else x).to(acc_dtype(x.dtype))
+    # two passes: the mean first, then the centred sum of squares
+    mean = _group_mean(xa, G)
+    xc = xa - _bcast_group(mean, C, nd)
+    rstd = torch.rsqrt(_group_mean(xc * xc, G) + eps)
+    z = xc * _bcast_group(rstd, C, nd)
     if weight is not None:
-        z = z * _per_channel(weight, G, xv.dim(), acc)
+        z = z * _bcast_channel(weight, nd, z.dtype)
     if bias is not None:
-        z = z + _per_channel(bias, G, xv.dim(), acc)
-    y = _finish(_act(z, activation), x)
-    N = x.shape[0]
-    return y, mean.reshape(N, G), rstd.reshape(N, G), s
+        z = z + _bcast_channel(bias, nd, z.dtype)
+    return _finish(_act(z, activation), x), mean, rstd, s
 
 
 def backward(
@@ -139,29 +142,27 @@ def backward(
     """Reference backward (the VJP in the module docstring). ``xs`` is the normalized input
     (x, or x + residual). Returns ``(dx, dweight, dbias)``; dweight/dbias are None when the
     parameter is None and have the parameter's dtype otherwise."""
-    G = num_groups
+    G, C, nd = num_groups, xs.shape[1], xs.dim()
     acc = mean.dtype
-    xv = _grouped(xs, G).to(acc)
-    nd = xv.dim()
-    xhat = (xv - _per_group(mean, nd)) * _per_group(rstd, nd)
-    dz = _grouped(dy, G).to(acc)
-    w = _per_channel(weight, G, nd, acc) if weight is not None else None
+    r = _bcast_group(rstd, C, nd)
+    xhat = (xs.to(acc) - _bcast_group(mean, C, nd)) * r
+    dz = dy.to(acc)
+    w = _bcast_channel(weight, nd, acc) if weight is not None else None
     if activation != "none":
         z = xhat * w if w is not None else xhat
         if bias is not None:
-            z = z + _per_channel(bias, G, nd, acc)
+            z = z + _bcast_channel(bias, nd, acc)
         dz = dz * _act_grad(z, activation)
     # per-channel sums run over the batch dim and the spatial dims
-    ch_dims = (0,) + tuple(range(3, nd))
-    dw = (dz * xhat).sum(dim=ch_dims).flatten().to(weight.dtype) if weight is not None else None
-    db = dz.sum(dim=ch_dims).flatten().to(bias.dtype) if bias is not None else None
+    ch_dims = (0,) + tuple(range(2, nd))
+    dw = (dz * xhat).sum(dim=ch_dims).to(weight.dtype) if weight is not None else None
+    db = dz.sum(dim=ch_dims).to(bias.dtype) if bias is not None else None
     dxhat = dz * w if w is not None else dz
-    dims = tuple(range(2, nd))
-    c1 = dxhat.mean(dim=dims, keepdim=True)
-    c2 = (dxhat * xhat).mean(dim=dims, keepdim=True)
-    dx = (dxhat - c1 - xhat * c2) * _per_group(rstd, nd)
+    c1 = _bcast_group(_group_mean(dxhat, G), C, nd)
+    c2 = _bcast_group(_group_mean(dxhat * xhat, G), C, nd)
+    dx = (dxhat - c1 - xhat * c2) * r
     if dsum is not None:
-        dx = dx + _grouped(dsum, G).to(acc)
+        dx = dx + dsum.to(acc)
     return _finish(dx, xs), dw, db
 
 

@@ -448,3 +448,15 @@ def test_every_route_is_tested_here():
     # the grid above runs every registered route that takes CPU tensors
     assert ROUTES[:] and "reference" in ROUTES
     assert list(itertools.chain(ROUTES)) == [r for r in cpu_routes()]
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_output_is_not_a_view_inplace_ops_work(route):
+    # nn.ReLU(inplace=True) after the norm is common; a view output would make autograd refuse it
+    x = torch.randn(2, 8, 4, 4, requires_grad=True)
+    y = group_norm(x, 4, route=route)
+    assert y._base is None
+    torch.relu_(y).sum().backward()
+    x2 = x.detach().clone().requires_grad_()
+    F.relu(F.group_norm(x2, 4)).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
