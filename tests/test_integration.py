@@ -199,23 +199,24 @@ def test_jit_trace_fused_residual_return_sum():
     torch.testing.assert_close(y, F.gelu(F.group_norm(x + r, 2, gn.weight, gn.bias)), rtol=1e-5, atol=1e-5)
 
 
-# ---------------------------------------------------------------- docs/guide.md
+# ---------------------------------------------------------------- docs/guide.md, README.md
 
-def _guide_blocks() -> list[str]:
-    text = (ROOT / "docs" / "guide.md").read_text()
+def _doc_blocks(doc: str) -> list[str]:
+    text = (ROOT / doc).read_text()
     return re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
 
 
-def test_guide_code_blocks_run(tmp_path, monkeypatch):
-    # every ```python block of the guide runs, in order, in one namespace (as a reader would)
-    blocks = _guide_blocks()
-    assert len(blocks) >= 4
+@pytest.mark.parametrize("doc,min_blocks", [("docs/guide.md", 4), ("README.md", 1)])
+def test_doc_code_blocks_run(doc, min_blocks, tmp_path, monkeypatch):
+    # every ```python block of the document runs, in order, in one namespace (as a reader would)
+    blocks = _doc_blocks(doc)
+    assert len(blocks) >= min_blocks
     monkeypatch.chdir(tmp_path)  # the guide writes model.onnx to the working directory
     ns: dict = {"__name__": "guide"}
     for i, code in enumerate(blocks):
         try:
-            exec(compile(code, f"docs/guide.md[block {i}]", "exec"), ns)
+            exec(compile(code, f"{doc}[block {i}]", "exec"), ns)
         except ModuleNotFoundError as e:  # the ONNX block needs the optional extra
             if e.name in ("onnx", "onnxscript", "onnxruntime"):
-                pytest.skip(f"guide block {i} needs {e.name} (pip install 'groupnorm[onnx]')")
+                pytest.skip(f"{doc} block {i} needs {e.name} (pip install 'groupnorm[onnx]')")
             raise
