@@ -283,6 +283,8 @@ def main():
     ap.add_argument("--dtype", default="fp32,bf16")
     ap.add_argument("--layout", default="nchw,cl")
     ap.add_argument("--memory", action="store_true", help="peak-memory table instead of timings")
+    ap.add_argument("--min-copy-gbs", type=float, default=15.0,
+                    help="re-measure a (shape, dtype, layout) group whose best copy ran slower than this")
     a = ap.parse_args()
     torch.set_num_threads(2)
     shapes = [s for s in CPU_SHAPES if a.only is None or s[0] in a.only.split(",")]
@@ -297,10 +299,23 @@ def main():
     for name, shape, G in shapes:
         for dt in a.dtype.split(","):
             for layout in a.layout.split(","):
-                rows += rows_for(name, shape, G, dt, layout, reps)
+                # A copy of the same tensors is timed first: far below its normal speed means
+                # other jobs hold the cores; wait and measure the group again (3 tries max,
+                # the try with the fastest copy is kept, and the table says how fast that was).
+                best = None
+                for attempt in range(3):
+                    got = rows_for(name, shape, G, dt, layout, reps)
+                    if best is None or got[0]["copy_gbs"][1] > best[0]["copy_gbs"][1]:
+                        best = got
+                    if best[0]["copy_gbs"][1] >= a.min_copy_gbs:
+                        break
+                    time.sleep(5)
+                rows += best
                 print(fmt_table(rows[-6:]).split("\n", 2)[2], file=sys.stderr, flush=True)
     print(fmt_table(rows))
-    print("\n‡ = a median more than 1.5x the best run of the same row (preempted by other jobs)")
+    print("\n‡ = a median more than 1.5x the best run of the same row (preempted by other jobs); "
+          f"rows whose copy GB/s is below {a.min_copy_gbs:g} were measured while other jobs held the cores "
+          "(3 tries) and their times are scheduler slices, not kernel times")
     for key in ("k_ratio", "k_best", "a_ratio", "a_best"):
         worst = min((r for r in rows if r[key] is not None), key=lambda r: r[key])
         print(f"- worst {key}: {worst[key]:.2f}x ({worst['shape']} {worst['dtype']} {worst['layout']} {worst['dir']})")
