@@ -82,7 +82,7 @@ def group_norm(
         G, act = validate(x, num_groups, group_size, weight, bias, residual, activation)
     if return_sum and residual is None:
         raise ValueError("group_norm: return_sum=True needs a residual to sum with x; pass residual=...")
-    y, _mean, _rstd, s = _op.fwd(
+    y, _mean, _rstd, s = _op.group_norm_op(
         x, weight, bias, residual, G, float(eps), act, route or routes.current_route()
     )
     return (y, s) if return_sum else y

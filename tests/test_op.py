@@ -460,3 +460,22 @@ def test_output_is_not_a_view_inplace_ops_work(route):
     x2 = x.detach().clone().requires_grad_()
     F.relu(F.group_norm(x2, 4)).sum().backward()
     torch.testing.assert_close(x.grad, x2.grad)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_eager_twin_matches_custom_op_bitwise(route):
+    # plain eager calls run the route behind an autograd.Function (no torch.library dispatch);
+    # anything that traces runs the custom op: both must give the very same bits
+    from groupnorm.ops import group_norm as op
+
+    assert op._plain_eager(torch.zeros(1))
+    results = []
+    for call in (op._EagerFn.apply, op.fwd):
+        x = make_input((2, 8, 5, 5), torch.float32, "channels_last").requires_grad_()
+        r = make_input((2, 8, 5, 5), torch.float32, "contiguous", generator=torch.Generator().manual_seed(2))
+        w, b = (t.requires_grad_() for t in _params(8, torch.float32))
+        y, _, _, s = call(x, w, b, r, 4, 1e-5, "gelu", route)
+        (y.square().sum() + s.sum()).backward()
+        results.append((y, s, x.grad, w.grad, b.grad))
+    for a, e in zip(*results):
+        assert torch.equal(a, e)
