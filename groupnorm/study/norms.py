@@ -120,13 +120,17 @@ class GhostBatchNorm(nn.Module):
                                 self.training, self.momentum, self.eps)
         xg, mean, var, count = self.ghost_stats(x, g)
         y = (xg - mean[:, None, :, None]) * torch.rsqrt(var[:, None, :, None] + self.eps)
-        with torch.no_grad():
-            # unbiased variance, averaged over ghosts (= mean of per-device running buffers)
-            unbiased = var * (count / (count - 1)) if count > 1 else torch.zeros_like(var)
-            self.running_mean.lerp_(mean.mean(0), self.momentum)
-            self.running_var.lerp_(unbiased.mean(0), self.momentum)
-            self.num_batches_tracked += 1
+        self._update_running(mean, var, count)
         return self._affine(y.reshape(x.shape))
+
+    @torch.no_grad()
+    def _update_running(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+        """Running averages from per-ghost (ghosts, C) batch statistics of ``count`` values each."""
+        # unbiased variance, averaged over ghosts (= mean of per-device running buffers)
+        unbiased = var * (count / (count - 1)) if count > 1 else torch.zeros_like(var)
+        self.running_mean.lerp_(mean.mean(0), self.momentum)
+        self.running_var.lerp_(unbiased.mean(0), self.momentum)
+        self.num_batches_tracked += 1
 
     def _sync_forward(self, x):
         # syncbn under torchrun: statistics over the samples of all processes. The sums are
@@ -218,11 +222,7 @@ class BatchRenorm(GhostBatchNorm):
             r = (std / run_std).clamp(1.0 / rmax, rmax)
             d = ((mean - self.running_mean) / run_std).clamp(-dmax, dmax)
         y = (xg - mean[:, None, :, None]) / std[:, None, :, None] * r[:, None, :, None] + d[:, None, :, None]
-        with torch.no_grad():
-            unbiased = var * (count / (count - 1)) if count > 1 else torch.zeros_like(var)
-            self.running_mean.lerp_(mean.mean(0), self.momentum)
-            self.running_var.lerp_(unbiased.mean(0), self.momentum)
-            self.num_batches_tracked += 1
+        self._update_running(mean, var, count)
         return self._affine(y.reshape(x.shape))
 
 
