@@ -479,3 +479,23 @@ def test_eager_twin_matches_custom_op_bitwise(route):
         results.append((y, s, x.grad, w.grad, b.grad))
     for a, e in zip(*results):
         assert torch.equal(a, e)
+
+
+def test_broken_triton_disables_only_its_route_with_a_warning(monkeypatch):
+    # an installed Triton that does not match torch raises something other than
+    # ModuleNotFoundError on import: the other routes must keep working, and the user is told
+    real_import = routes.importlib.import_module
+
+    def fake_import(name, *args):
+        if name.endswith("triton_gn"):
+            raise ImportError("cannot import name 'x' from 'triton' (incompatible release)")
+        return real_import(name, *args)
+
+    monkeypatch.setattr(routes.importlib, "import_module", fake_import)
+    monkeypatch.setattr(routes, "_loaded", False)
+    monkeypatch.setattr(routes, "ROUTES", {k: v for k, v in routes.ROUTES.items() if k != "triton"})
+    with pytest.warns(UserWarning, match="Triton route is disabled.*incompatible release"):
+        names = routes.available_routes()
+    assert "triton" not in names and "reference" in names
+    x = torch.randn(2, 4, 3)
+    torch.testing.assert_close(group_norm(x, 2), F.group_norm(x, 2))
