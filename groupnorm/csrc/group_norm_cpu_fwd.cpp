@@ -81,8 +81,7 @@ void apply_row(const T* src, T* dst, int64_t len, AccT<T> mean, AccT<T> scale, A
   for (; i + 2 * kV <= len; i += 2 * kV) {
     V z0 = at::vec::fmadd(IO<T>::load(src + i) - vm, vs, vb);
     V z1 = at::vec::fmadd(IO<T>::load(src + i + kV) - vm, vs, vb);
-    IO<T>::store(dst + i, act_fwd<ACT>(z0));
-    IO<T>::store(dst + i + kV, act_fwd<ACT>(z1));
+    IO<T>::store2(dst + i, act_fwd<ACT>(z0), act_fwd<ACT>(z1));
   }
   for (; i + kV <= len; i += kV)
     IO<T>::store(dst + i, act_fwd<ACT>(at::vec::fmadd(IO<T>::load(src + i) - vm, vs, vb)));
@@ -130,6 +129,19 @@ void fwd_nchw(const T* x, const T* r, T* s, T* y, const AccT<T>* w, const AccT<T
       }
     }
   });
+}
+
+// a[c] = sum over rr < R of a[rr * C + c] (rr in order), vectorized: the R pixel copies of the
+// per-channel sums folded into the first C entries before the scalar per-group sums (which
+// then add C values per sub-block instead of R * C: for small C that scalar tail was a large
+// share of the statistics time). Fixed order: deterministic.
+template <typename S>
+inline void fold_rows(S* a, int64_t C, int64_t R) {
+  constexpr int64_t kV = Vectorized<S>::size();
+  for (int64_t rr = 1; rr < R; rr++) {
+    const S* b = a + rr * C;
+    for_vec<kV>(C, [&](int64_t i, int64_t k) { sta(a + i, lda(a + i, k) + lda(b + i, k), k); });
+  }
 }
 
 // ---------------------------------------------------------------- channels-last (N, *, C)
@@ -187,10 +199,10 @@ void fwd_cl(const T* x, const T* r, T* s, T* y, const AccT<T>* w, const AccT<T>*
       column_sums<4, V>(sumc, full, RC, fa(src));
       if (rem) column_sums<4, V>(sumc, 1, rem * C, fa(src + full * RC));
       const S inv = S(1) / S(nq * Cg);
+      fold_rows(sumc, C, R);
       for (int64_t g = 0; g < G; g++) {
         S acc = 0;
-        for (int64_t rr = 0; rr < R; rr++)
-          for (int64_t ci = 0; ci < Cg; ci++) acc += sumc[rr * C + g * Cg + ci];
+        for (int64_t ci = 0; ci < Cg; ci++) acc += sumc[g * Cg + ci];
         const S bm = meanc[g * Cg] + acc * inv;
         for (int64_t ci = 0; ci < Cg; ci++) meanc[g * Cg + ci] = bm;
       }
@@ -205,10 +217,10 @@ void fwd_cl(const T* x, const T* r, T* s, T* y, const AccT<T>* w, const AccT<T>*
       };
       column_sums<4, V>(sumc, full, RC, fb(src));
       if (rem) column_sums<4, V>(sumc, 1, rem * C, fb(src + full * RC));
+      fold_rows(sumc, C, R);
       for (int64_t g = 0; g < G; g++) {
         S acc = 0;
-        for (int64_t rr = 0; rr < R; rr++)
-          for (int64_t ci = 0; ci < Cg; ci++) acc += sumc[rr * C + g * Cg + ci];
+        for (int64_t ci = 0; ci < Cg; ci++) acc += sumc[g * Cg + ci];
         chan_combine(sc.gcnt[g], sc.gmean[g], sc.gm2[g], double(nq * Cg), meanc[g * Cg], acc);
       }
     }
