@@ -40,7 +40,7 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -121,12 +121,13 @@ def _join(prefix: str, name: str) -> str:
 
 def _replace_modules(
     model: nn.Module,
-    make: Callable[[str, nn.Module], Optional[tuple[nn.Module, Replacement]]],
+    make: Callable[[str, nn.Module], Union[None, str, tuple[nn.Module, Replacement]]],
     kind: str,
     inplace: bool,
     searched: str = "matching",
 ) -> ConversionReport:
-    """Replace every module for which ``make(path, module)`` returns ``(new, record)``.
+    """Replace every module for which ``make(path, module)`` returns ``(new, record)``; a
+    string it returns is the reason a candidate was skipped, listed in the report.
 
     ``make`` is called once per module *instance*; later paths to the same instance get the
     same new module. Subtrees of replaced modules are not entered.
@@ -149,6 +150,9 @@ def _replace_modules(
             return None
         visited.add(key)
         made = make(path, module)
+        if isinstance(made, str):
+            report.skipped.append((path, made))
+            return None
         if made is not None:
             new, rec = made
             new_of[key] = (new, rec)
@@ -166,6 +170,11 @@ def _replace_modules(
     root = visit("", model)
     if root is not None:
         report.model = root
+    return report
+
+
+def _logged(report: ConversionReport) -> ConversionReport:
+    logger.info("%s", report)
     return report
 
 
@@ -269,8 +278,7 @@ def convert(
             return None
         C = m.num_features
         if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():
-            report_skips.append((path, f"{type(m).__name__} is uninitialised (run one forward pass first)"))
-            return None
+            return f"{type(m).__name__} is uninitialised (run one forward pass first)"
         try:
             G = choose_groups(C, num_groups, group_size, fallback)
         except ValueError as e:
@@ -292,11 +300,7 @@ def convert(
         rec = Replacement(path, type(m).__name__, "GroupNorm", C, G, "; ".join(notes))
         return _finish(new, m), rec
 
-    report_skips: list[tuple[str, str]] = []
-    report = _replace_modules(model, make, "BatchNorm -> GroupNorm", inplace, "BatchNorm")
-    report.skipped.extend(report_skips)
-    logger.info("%s", report)
-    return report
+    return _logged(_replace_modules(model, make, "BatchNorm -> GroupNorm", inplace, "BatchNorm"))
 
 
 # --------------------------------------------------------------------------------------
@@ -420,8 +424,7 @@ def convert_to_batchnorm(
         else:
             nd = ndim_of.get(id(m))
             if nd is None:
-                skips.append((path, "not called by the example forward pass; input rank unknown"))
-                return None
+                return "not called by the example forward pass; input rank unknown"
             if nd == -1:
                 raise ValueError(
                     f"groupnorm.convert_to_batchnorm: {path} is called with inputs of different ranks; "
@@ -442,11 +445,7 @@ def convert_to_batchnorm(
                           f"was G={m.num_groups}")
         return _finish(new, m), rec
 
-    skips: list[tuple[str, str]] = []
-    report = _replace_modules(model, make, "GroupNorm -> BatchNorm", True, "GroupNorm")
-    report.skipped.extend(skips)
-    logger.info("%s", report)
-    return report
+    return _logged(_replace_modules(model, make, "GroupNorm -> BatchNorm", True, "GroupNorm"))
 
 
 # --------------------------------------------------------------------------------------
@@ -517,8 +516,7 @@ def fuse(model: nn.Module, *, activations: bool = True, inplace: bool = True) ->
                 report.replaced.append(rec)
             rec.target = f"GroupNorm(activation={act!r})"
             rec.note = f"fused {_join(path, b)} ({type(act_mod).__name__}), now nn.Identity"
-    logger.info("%s", report)
-    return report
+    return _logged(report)
 
 
 # --------------------------------------------------------------------------------------
@@ -552,8 +550,7 @@ def convert_ws(
         if cls is None:
             return None
         if include is not None and not include(path, m):
-            skips.append((path, "excluded by include="))
-            return None
+            return "excluded by include="
         new = cls(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
                   dilation=m.dilation, groups=m.groups, bias=m.bias is not None,
                   padding_mode=m.padding_mode, eps=eps, device="meta")
@@ -562,11 +559,7 @@ def convert_ws(
         return _finish(new, m), Replacement(path, type(m).__name__, cls.__name__, m.out_channels, None,
                                             f"eps={eps}")
 
-    skips: list[tuple[str, str]] = []
-    report = _replace_modules(model, make, "Conv -> WSConv", inplace, "Conv1d/Conv2d/Conv3d")
-    report.skipped.extend(skips)
-    logger.info("%s", report)
-    return report
+    return _logged(_replace_modules(model, make, "Conv -> WSConv", inplace, "Conv1d/Conv2d/Conv3d"))
 
 
 __all__ = [
