@@ -6,6 +6,7 @@ against the float64 reference.
 
 from __future__ import annotations
 
+import socket
 from typing import Optional
 
 import torch
@@ -57,4 +58,11 @@ def assert_close_to_ref(actual: torch.Tensor, expected64: torch.Tensor, dtype: t
     )
 
 
-__all__ = ["TOL", "LAYOUTS", "make_input", "assert_close_to_ref", "group_norm_ref"]
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1, for the rendezvous of multi-process (gloo) tests."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+__all__ = ["TOL", "LAYOUTS", "make_input", "assert_close_to_ref", "group_norm_ref", "free_port"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from torch import nn
 from _integration_models import TinyResNet, UNetResBlock
 from groupnorm import GroupNorm
 from groupnorm.conversion import convert, convert_ws, fuse
+from groupnorm.testing import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,12 +110,6 @@ def test_autocast_cpu_resnet(dtype):
 
 # ---------------------------------------------------------------- DDP (2 gloo processes)
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -145,7 +139,7 @@ def test_ddp_two_gloo_processes_match_single_process(tmp_path):
     torch.manual_seed(1)
     x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
     torch.save((x, y), tmp_path / "batch.pt")
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
 
     model = convert_ws(_gn_resnet(seed=0)).model
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

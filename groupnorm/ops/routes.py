@@ -70,6 +70,14 @@ def _load_optional() -> None:
                           "install the triton release your torch was built with", stacklevel=3)
 
 
+def _get(name: str) -> Route:
+    _load_optional()
+    r = ROUTES.get(name)
+    if r is None:
+        raise ValueError(f"unknown route {name!r}; available: {available_routes()}")
+    return r
+
+
 def available_routes() -> list[str]:
     """Names of the registered routes, in the order ``"auto"`` tries them."""
     _load_optional()
@@ -87,9 +95,7 @@ def use_route(name: Optional[str]) -> Iterator[None]:
     """
     global _forced
     if name is not None and name != "auto":
-        _load_optional()
-        if name not in ROUTES:
-            raise ValueError(f"unknown route {name!r}; available: {available_routes()}")
+        _get(name)
     prev, _forced = _forced, (None if name == "auto" else name)
     try:
         yield
@@ -104,11 +110,8 @@ def current_route() -> str:
 
 def select(route: str, x: torch.Tensor, weight, residual, activation: str) -> Route:
     """The route that runs this call (the launcher's choice)."""
-    _load_optional()
     if route != "auto":
-        r = ROUTES.get(route)
-        if r is None:
-            raise ValueError(f"unknown route {route!r}; available: {available_routes()}")
+        r = _get(route)
         why = r.supports(x, weight, residual, activation)
         if why is not None:
             raise RuntimeError(

@@ -2,13 +2,18 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+
+from groupnorm.study.config import make_config, run_configs
+from groupnorm.study.data import load_dataset
+from groupnorm.study.norms import GhostBatchNorm
+from groupnorm.study.train import train_run
+from groupnorm.testing import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -54,27 +59,22 @@ td.destroy_process_group()
 '''
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _write_npz(tmp_path, seed: int, hw: int) -> str:
+    """64 training images in 4 classes (class shifts the mean), the first 16 as the test set."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(64) % 4
+    x = rng.normal(size=(64, hw, hw)).astype(np.float32) + y[:, None, None]
+    path = str(tmp_path / "d.npz")
+    np.savez(path, x_train=x, y_train=y, x_test=x[:16], y_test=y[:16])
+    return path
 
 
 def test_two_gloo_processes_match_ghost_batches(tmp_path):
-    from groupnorm.study.config import make_config, run_configs
-    from groupnorm.study.data import load_dataset
-    from groupnorm.study.norms import GhostBatchNorm
-    from groupnorm.study.train import train_run
-
-    rng = np.random.default_rng(0)
-    y = np.arange(64) % 4
-    x = rng.normal(size=(64, 8, 8)).astype(np.float32) + y[:, None, None]
-    data_path = str(tmp_path / "d.npz")
-    np.savez(data_path, x_train=x, y_train=y, x_test=x[:16], y_test=y[:16])
+    data_path = _write_npz(tmp_path, seed=0, hw=8)
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     out = str(tmp_path / "ddp.json")
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
@@ -124,15 +124,11 @@ def test_two_gloo_processes_match_ghost_batches(tmp_path):
 
 def test_torchrun_cli_sweep(tmp_path):
     """`torchrun --nproc_per_node 2 -m groupnorm ...` runs the sweep; rank 0 writes the outputs."""
-    rng = np.random.default_rng(1)
-    y = np.arange(64) % 4
-    x = rng.normal(size=(64, 6, 6)).astype(np.float32) + y[:, None, None]
-    data_path = str(tmp_path / "d.npz")
-    np.savez(data_path, x_train=x, y_train=y, x_test=x[:16], y_test=y[:16])
+    data_path = _write_npz(tmp_path, seed=1, hw=6)
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "groupnorm", "--data", data_path, "--widths", "4",
+           "--master_port", str(free_port()), "-m", "groupnorm", "--data", data_path, "--widths", "4",
            "--norms", "bn", "syncbn", "--batch-sizes", "4", "2", "--seeds", "0", "--total-batch", "8",
            "--epochs", "1", "--median-last", "1", "--no-progress", "--out", str(out)]
     p = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=180)
