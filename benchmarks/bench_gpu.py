@@ -43,6 +43,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -185,7 +186,11 @@ def main(argv=None) -> int:
     ap.add_argument("--no-liger", action="store_true", help="skip the Liger-Kernel baseline")
     ap.add_argument("--no-flush", action="store_true", help="do not flush L2 between repetitions")
     ap.add_argument("--out", type=Path, help="also write the report (markdown) to this file")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="start no new (shape, dtype, layout) case after this many seconds; the "
+                         "report says which were left out (fits the sweep into a GPU lease)")
     args = ap.parse_args(argv)
+    t_start = time.monotonic()
 
     if not torch.cuda.is_available():
         _fail("no CUDA device (torch.cuda.is_available() is False). This benchmark times the "
@@ -217,13 +222,16 @@ def main(argv=None) -> int:
     cols = ["shape", "dtype", "layout", "act", "dir", "ms", "GB/s", "%copy", "xEager", "xCompile", "xLiger", "err"]
     table = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     print("\n".join(table), flush=True)
-    rows = []
+    rows, skipped = [], []
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
     for name, shape, G in shapes:
         C = shape[1]
         for dname in dtypes:
             dtype = DTYPES[dname]
             for layout in args.layout:
+                if args.budget_s is not None and time.monotonic() - t_start > args.budget_s:
+                    skipped.append(f"{name} {dname} {layout}")
+                    continue
                 x = torch.randn(shape, dtype=dtype, device="cuda")
                 if layout == "cl":
                     if x.dim() not in (4, 5):
@@ -233,8 +241,14 @@ def main(argv=None) -> int:
                 b = torch.randn(C, dtype=dtype, device="cuda")
                 for act in args.act:
                     impls = make_impls(G, act, not args.no_compile, not args.no_liger)
-                    with torch.no_grad():
-                        err = (impls["ours"](x, w, b).float() - impls["eager"](x, w, b).float()).abs().max().item()
+                    try:
+                        with torch.no_grad():
+                            err = (impls["ours"](x, w, b).float() - impls["eager"](x, w, b).float()).abs().max().item()
+                    except Exception as e:  # report and go on: one broken case must not end the sweep
+                        line = f"| {name} | {dname} | {layout} | {act} | FAILED: {type(e).__name__}: {str(e)[:300]} |"
+                        table.append(line)
+                        print(line, flush=True)
+                        continue
                     for direction in args.dir:
                         t = {}
                         for k, fn in impls.items():
@@ -265,6 +279,8 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
 
     summary = summarize(rows)
+    if skipped:
+        summary += ["", f"Not measured (past --budget-s {args.budget_s:.0f}): " + ", ".join(skipped)]
     print("\n".join(summary), flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""Tests of the ``"triton"`` route, run on CPU tensors in Triton's interpreter.
+"""Tests of the ``"triton"`` route: compiled kernels on CUDA tensors when a GPU is present,
+else CPU tensors in Triton's interpreter (CI has no GPU).
 
 How the interpreter is switched on, robustly under pytest-xdist:
 
@@ -39,10 +40,21 @@ from groupnorm.testing import TOL, make_input  # noqa: E402
 
 f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
 
+# Where the kernels run: compiled, on the GPU, when there is one (unless the interpreter is
+# asked for explicitly); else interpreted on CPU tensors. Every test below runs either way;
+# the few that only make sense on one side say so in their skip reason.
+CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+DEV = "cuda" if CUDA else "cpu"
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (sizes too large for the interpreter); "
+                                "runs on GPU machines, see benchmarks/results/gpu-*.md")
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _interpreter():
     mp = pytest.MonkeyPatch()
+    if CUDA:  # compiled kernels: nothing to switch on
+        yield
+        return
     mp.setenv("TRITON_INTERPRET", "1")
     # Speed only: the interpreter checks every int32 add/mul for overflow (a device_assert
     # each, ~10x the run time of these tests); the test tensors are far from 2^31 elements,
@@ -63,28 +75,28 @@ SPLIT = dict(split=3, tile=16)
 ITEMS = dict(items=3)
 
 
-def _make(shape, dtype, layout, g):
+def _make(shape, dtype, layout, g, device="cpu"):
     if layout == "transposed":
         # spatial dims that cannot merge into one stride: the launcher falls back to a copy
-        return make_input((*shape[:2], shape[3], shape[2]), dtype, generator=g).transpose(2, 3)
-    return make_input(shape, dtype, layout, generator=g)
+        return make_input((*shape[:2], shape[3], shape[2]), dtype, generator=g, device=device).transpose(2, 3)
+    return make_input(shape, dtype, layout, generator=g, device=device)
 
 
 def run_case(shape, G, dtype=f32, layout="contiguous", act=None, residual=False, params="same",
              cfg=None, seed=0, poison=None):
     """Forward + backward through the triton route vs the float64 reference (autograd)."""
     g = torch.Generator().manual_seed(seed)
-    x = _make(shape, dtype, layout, g)
+    x = _make(shape, dtype, layout, g, DEV)
     if poison is not None:
         x = x.clone()
         x.view(-1)[0] = poison  # lands in group 0 of sample 0 (x is contiguous here)
     C = shape[1]
     pdtype = {"same": dtype, "fp32": f32}.get(params, dtype)
-    w = (torch.randn(C, generator=g, dtype=torch.float64) * 0.5 + 1).to(pdtype) if params else None
-    b = (torch.randn(C, generator=g, dtype=torch.float64) * 0.5).to(pdtype) if params in ("same", "fp32") else None
-    r = make_input(shape, dtype, generator=g) if residual else None
-    dy = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
-    ds = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype) if residual else None
+    w = (torch.randn(C, generator=g, dtype=torch.float64) * 0.5 + 1).to(DEV, pdtype) if params else None
+    b = (torch.randn(C, generator=g, dtype=torch.float64) * 0.5).to(DEV, pdtype) if params in ("same", "fp32") else None
+    r = make_input(shape, dtype, generator=g, device=DEV) if residual else None
+    dy = torch.randn(shape, generator=g, dtype=torch.float64).to(DEV, dtype)
+    ds = torch.randn(shape, generator=g, dtype=torch.float64).to(DEV, dtype) if residual else None
 
     leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b, r)]
     xt, wt, bt, rt = leaves
@@ -216,8 +228,8 @@ def test_bitwise_deterministic(cfg):
 
 def test_only_the_sum_is_used():
     # dy is None in the autograd backward (zeros are passed): dx = dsum
-    x = make_input((2, 8, 3, 3), f32).requires_grad_()
-    r = make_input((2, 8, 3, 3), f32, generator=torch.Generator().manual_seed(1))
+    x = make_input((2, 8, 3, 3), f32, device=DEV).requires_grad_()
+    r = make_input((2, 8, 3, 3), f32, generator=torch.Generator().manual_seed(1), device=DEV)
     _, s = groupnorm.group_norm(x, 4, residual=r, return_sum=True, route="triton")
     (gx,) = torch.autograd.grad(s.sum(), [x])
     assert torch.equal(gx, torch.ones_like(x))
@@ -225,8 +237,8 @@ def test_only_the_sum_is_used():
 
 def test_expanded_upstream_gradient():
     # y.sum() gives an expanded dy (all strides 0), addressed in place
-    x = make_input((2, 8, 3, 3), f16, "channels_last").requires_grad_()
-    w = torch.randn(8, requires_grad=True)
+    x = make_input((2, 8, 3, 3), f16, "channels_last", device=DEV).requires_grad_()
+    w = torch.randn(8, device=DEV, requires_grad=True)
     groupnorm.group_norm(x, 4, w, activation="gelu", route="triton").float().sum().backward()
     x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     group_norm_ref(x64, 4, w64, activation="gelu").sum().backward()
@@ -236,8 +248,8 @@ def test_expanded_upstream_gradient():
 
 def test_strided_parameters():
     # weight/bias that are views with stride 2 (read densely after a copy; dense gradients)
-    x = make_input((2, 8, 3, 4), f32, "channels_last")
-    wb = torch.randn(2, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    x = make_input((2, 8, 3, 4), f32, "channels_last", device=DEV)
+    wb = torch.randn(2, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(5)).to(DEV)
     base = wb.float().requires_grad_()
     y = groupnorm.group_norm(x, 4, base[0, ::2], base[1, ::2], activation="silu", route="triton")
     dy = torch.randn_like(y)
@@ -252,13 +264,13 @@ def test_strided_parameters():
 @pytest.mark.parametrize("shape", [(0, 8, 3, 3), (2, 8, 0), (2, 8, 0, 4)], ids=["N0", "L0", "H0"])
 def test_empty_inputs_launch_nothing(shape):
     # N=0 and empty spatial dims: empty outputs, NaN statistics (mean of nothing), zero dW/dB
-    x = torch.randn(shape, requires_grad=True)
-    w = torch.randn(8, requires_grad=True)
-    b = torch.randn(8, requires_grad=True)
+    x = torch.randn(shape, device=DEV, requires_grad=True)
+    w = torch.randn(8, device=DEV, requires_grad=True)
+    b = torch.randn(8, device=DEV, requires_grad=True)
     y = groupnorm.group_norm(x, 4, w, b, route="triton")
     assert y.shape == x.shape
     y.sum().backward()
-    assert x.grad.shape == x.shape and torch.equal(w.grad, torch.zeros(8)) and torch.equal(b.grad, torch.zeros(8))
+    assert x.grad.shape == x.shape and not w.grad.any() and not b.grad.any()
     _, mean, rstd, _ = T.forward(x.detach(), w, b, None, 4, 1e-5, "none")
     assert mean.shape == (shape[0], 4) and rstd.shape == (shape[0], 4)
 
@@ -267,7 +279,7 @@ def test_empty_inputs_launch_nothing(shape):
 
 
 def test_cpu_tensors_are_declined_without_the_interpreter(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     x = torch.randn(2, 4, 3)
     assert "CUDA" in T.supports(x, None, None, "none")
     assert routes.select("auto", x, None, None, "none").name != "triton"
@@ -276,7 +288,7 @@ def test_cpu_tensors_are_declined_without_the_interpreter(monkeypatch):
 
 
 def test_declines_float64():
-    assert "float64" in T.supports(torch.randn(2, 4, 3, dtype=torch.float64), None, None, "none")
+    assert "float64" in T.supports(torch.randn(2, 4, 3, dtype=torch.float64, device=DEV), None, None, "none")
 
 
 def test_route_is_registered_with_priority_20():
@@ -284,6 +296,7 @@ def test_route_is_registered_with_priority_20():
     assert routes.ROUTES["triton"].priority == 20
 
 
+@pytest.mark.skipif(CUDA, reason="switches the interpreter on for CPU tensors; runs where there is no GPU (CI)")
 def test_kernels_redefined_when_interpreter_setting_changes(monkeypatch):
     # a worker that imported the kernel module with the interpreter off still gets
     # interpreted kernels once TRITON_INTERPRET=1 is set
@@ -310,6 +323,71 @@ def test_pick_config_program_shapes():
     assert c.split >= 4 and c.block_s >= 32
     # small groups are not split (launch-bound): SD UNet 8x8 (2 x 32 groups of 40 x 64)
     assert T.pick_config(2, 32, 40, 64, False, 132).split == 1
+
+
+# ----------------------------------------------------------------------------- real sizes (GPU)
+
+# Shapes of the benchmark's design points at full size, each through the default
+# configuration the launcher picks for a real card: (shape, G)
+REAL = [
+    ((2, 320, 64, 64), 32),     # SD UNet: C/G=10, pixel-major in channels-last
+    ((2, 1920, 32, 32), 32),    # SDXL: C/G=60, few groups, split
+    ((32, 2048, 7, 7), 32),     # ResNet-50 stage 5: many small groups
+    ((512, 256, 7, 7), 32),     # Mask R-CNN head: tiny groups, several per program
+    ((1, 256, 512, 512), 32),   # VAE decoder: 32 groups of 2M values, split over the SMs
+    ((2, 32, 32, 32, 32), 8),   # 3-D UNet
+    ((128, 2048, 64), 512),     # 1-D, C/G=4
+]
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [f32, bf16, f16], ids=["f32", "bf16", "f16"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape,G", REAL, ids=["x".join(map(str, s)) for s, _ in REAL])
+def test_real_sizes_vs_float64_reference(shape, G, dtype, layout):
+    if layout == "channels_last" and len(shape) == 3:
+        pytest.skip("1-D input has no channels-last layout")
+    run_case(shape, G, dtype, layout, "silu", residual=(dtype == bf16), params="same")
+
+
+@needs_cuda
+def test_int64_offsets_beyond_2_31_elements():
+    # 2^31 + 2^11 elements (4 GiB of bf16): offsets past 2^31 must not wrap. The last group
+    # of the last sample (the farthest addresses) is checked against the float64 reference.
+    free, _ = torch.cuda.mem_get_info()
+    if free < 24 * 2**30:
+        pytest.skip(f"needs 24 GiB of free GPU memory, {free / 2**30:.0f} GiB free")
+    N, C, G, L = 2, 16, 8, 2**26 + 64
+    x = torch.randn(N, C, L, device="cuda", dtype=bf16)
+    w = torch.randn(C, device="cuda", dtype=bf16)
+    b = torch.randn(C, device="cuda", dtype=bf16)
+    assert x.numel() > 2**31
+    y = groupnorm.group_norm(x, G, w, b, route="triton")
+    Cg = C // G
+    ref = group_norm_ref(x[-1:, -Cg:].double(), 1, w[-Cg:].double(), b[-Cg:].double())
+    torch.testing.assert_close(y[-1:, -Cg:].double(), ref, **TOL[bf16])
+    ref0 = group_norm_ref(x[:1, :Cg].double(), 1, w[:Cg].double(), b[:Cg].double())
+    torch.testing.assert_close(y[:1, :Cg].double(), ref0, **TOL[bf16])
+
+
+@needs_cuda
+def test_compile_and_autocast_on_cuda():
+    # torch.compile(fullgraph) keeps the op as one node and runs the triton route; CUDA
+    # autocast does not cast it (fp32 in -> fp32 out, bf16 in -> bf16 out, fp32 statistics)
+    x = make_input((4, 64, 16, 16), f32, "channels_last", device="cuda").requires_grad_()
+    w = torch.randn(64, device="cuda", requires_grad=True)
+    fn = torch.compile(lambda t, w: groupnorm.group_norm(t, 8, w, activation="silu"), fullgraph=True)
+    y = fn(x, w)
+    (gx,) = torch.autograd.grad(y.sum(), [x])
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double()
+    y64 = group_norm_ref(x64, 8, w64, activation="silu")
+    (gx64,) = torch.autograd.grad(y64.sum(), [x64])
+    torch.testing.assert_close(y.double(), y64, **TOL[f32])
+    torch.testing.assert_close(gx.double(), gx64, **TOL[f32])
+    with torch.autocast("cuda", dtype=bf16):
+        assert groupnorm.group_norm(x, 8, w).dtype == f32
+        assert groupnorm.group_norm(x.detach().to(bf16), 8).dtype == bf16
+    assert routes.select("auto", x, w, None, "silu").name == "triton"
 
 
 # ----------------------------------------------------------------------------- compiled path
@@ -402,6 +480,7 @@ def _compile_main() -> int:  # pragma: no cover - runs in the subprocess below
     return 0
 
 
+@pytest.mark.skipif(CUDA, reason="on a GPU every other test here compiles and runs the kernels for real")
 def test_kernels_compile_for_sm90():
     # the interpreter is permissive; the real compiler (down to cubin, no GPU needed) is not
     pytest.importorskip("triton.backends.nvidia")
