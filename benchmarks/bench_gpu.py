@@ -22,7 +22,7 @@ Columns:
 
 * ``ms``: median over repetitions of CUDA-event times of the GPU work; before each
   repetition a 256 MiB buffer is zeroed so that every repetition starts with a cold L2
-  (``--no-flush`` to skip), then a ~2 ms ``torch.cuda._sleep`` lets the host enqueue the whole
+  (``--no-flush`` to skip), then a ~4 ms ``torch.cuda._sleep`` lets the host enqueue the whole
   call before the GPU reaches it, so host-side (Python, launch) overhead is excluded for every
   implementation alike. That overhead is measured apart by ``benchmarks/gpu_probe.py``.
 * ``GB/s``: minimum bytes / time. Minimum bytes: fwd = read x + write y; bwd = read x and
@@ -82,9 +82,9 @@ class Timer:
         for _ in range(self.reps):
             if self.flush is not None:
                 self.flush.zero_()
-            # keep the GPU busy (~2 ms) while the host enqueues fn: the events then time the
+            # keep the GPU busy (~4 ms) while the host enqueues fn: the events then time the
             # kernels, not Python/launch overhead (reported apart by benchmarks/gpu_probe.py)
-            torch.cuda._sleep(4_000_000)
+            torch.cuda._sleep(8_000_000)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
