@@ -42,6 +42,7 @@ _ACT = {"none": 0, "silu": 1, "gelu": 2, "relu": 3}
 _KMOD = "groupnorm.ops._triton_kernels"
 # Elements per [BLOCK_C, BLOCK_S] tile (upper bound) and the warps that run it.
 TILE = 4096
+SMALL_GROUP_TILE = 1024
 # A group is split only into chunks of at least this many elements (smaller groups are
 # launch-bound anyway; the second stage and the partials would cost more than they save).
 MIN_CHUNK = 8192
@@ -130,8 +131,14 @@ def pick_config(N: int, G: int, Cg: int, S: int, channel_contiguous: bool, num_s
     """
     split = _override.get("split", split)
     items = _override.get("items", items)
-    tile = _override.get("tile", tile) or TILE
-    return _pick(N, G, Cg, S, bool(channel_contiguous), num_sms, split, items, tile)
+    tile = _override.get("tile", tile)
+    if tile is None and split in (None, 1) and Cg * S <= TILE and N * G >= 4 * num_sms:
+        # many groups that each fit one tile: 1024-element tiles (4 warps, a loop of a few
+        # tiles per group) beat one 4096-element tile with 8 warps. Measured on an H100
+        # (benchmarks/results/gpu-h100_probe_2026-11-25.md): ResNet-50 stage 5 (32, 2048, 7, 7)
+        # bf16 fwd 0.030 -> 0.020 ms, bwd 0.047 -> 0.037 ms; (32, 64, 32, 32) fwd 0.011 -> 0.009 ms
+        tile = SMALL_GROUP_TILE
+    return _pick(N, G, Cg, S, bool(channel_contiguous), num_sms, split, items, tile or TILE)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -191,13 +198,18 @@ class ClConfig:
 
 def use_pixel_major(t: Tensor, C: int, Cg: int, S: int) -> bool:
     """Whether the (N, C, S) view ``t`` goes to the pixel-major kernels: channels-last dense
-    pixels (channel stride 1, pixel stride C), C <= CL_MAX_C, and groups that the group
-    kernels cannot read with vector loads (Cg not a multiple of 8); forced by
-    ``config_override(pixel_major=...)`` where it applies."""
+    pixels (channel stride 1, pixel stride C), C <= CL_MAX_C, and either groups that the group
+    kernels cannot read with vector loads (Cg not a multiple of 8) or so few groups that the
+    group kernels would cut each into many chunks of short, strided rows (N * G at most a
+    quarter of the SMs: a VAE's (1, 256, 1024, 1024), G=32, bf16 ran 2.19 -> 0.73 ms forward,
+    2.78 -> 1.06 ms backward on an H100; with 128 or more groups the group kernels were as fast
+    or faster). Forced by ``config_override(pixel_major=...)`` where it applies."""
     if S <= 1 or t.stride(1) != 1 or t.stride(2) != C or triton.next_power_of_2(C) > CL_MAX_C:
         return False
     forced = _override.get("pixel_major")
-    return bool(forced) if forced is not None else Cg % 8 != 0
+    if forced is not None:
+        return bool(forced)
+    return Cg % 8 != 0 or 4 * t.shape[0] * (C // max(Cg, 1)) <= _num_sms(t.device)
 
 
 def pick_cl_config(N: int, C: int, S: int, num_sms: int) -> ClConfig:
