@@ -13,6 +13,7 @@ GPU times here exclude host overhead: each timed region is queued behind a ~2 ms
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -67,12 +68,15 @@ def main():
     ap.add_argument("--only", nargs="+")
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--budget-s", type=float, default=1e9)
+    ap.add_argument("--variants", help='JSON list of config_override dicts, e.g. \'[{}, {"pixel_major": true}]\'')
     ap.add_argument("--host-only", action="store_true", help="only the host-cost table")
     args = ap.parse_args()
     FLUSH = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     variants = [dict()] + [dict(tile=t) for t in (1024, 2048, 8192, 16384)] + \
                [dict(split=s) for s in (1, 4, 16, 64)] + [dict(split=16, tile=t) for t in (2048, 8192)]
+    if args.variants:
+        variants = json.loads(args.variants)
     t0 = time.monotonic()
     print("| shape | layout | dir | eager ms | default ms | best ms | best variant | default cfg |")
     print("|---|---|---|---|---|---|---|---|", flush=True)
@@ -116,7 +120,8 @@ def main():
                         print(f"<!-- {name} {layout} {d} {v}: {type(exc).__name__}: {str(exc)[:150]} -->")
                 base = res[0][0]
                 best = min(res, key=lambda r: r[0])
-                print(f"| {name} | {layout} | {d} | {e_ms:.4f} | {base:.4f} | {best[0]:.4f} | {best[1]} | {dcfg} |", flush=True)
+                every = "; ".join(f"{json.dumps(v)} {t:.4f}" for t, v in res[1:]) if args.variants else ""
+                print(f"| {name} | {layout} | {d} | {e_ms:.4f} | {base:.4f} | {best[0]:.4f} | {best[1]} | {dcfg} | {every}", flush=True)
             del x, dy, y
             torch.cuda.empty_cache()
 
