@@ -1,9 +1,81 @@
 // Operator registration of the groupnorm CPU kernels (built by groupnorm/ops/cpu.py, called
-// as torch.ops.groupnorm_cpu.forward / .backward). torch/library.h instead of
-// torch/extension.h (pybind11) keeps the one-time build short.
+// as torch.ops.groupnorm_cpu.*). torch/library.h instead of torch/extension.h (pybind11)
+// keeps the one-time build short.
+//
+// Two forms of each op:
+//   forward / backward   write into outputs the caller allocated (benchmarks preallocate);
+//   fwd / bwd            make the inputs dense in the output layout, cast the parameters to the
+//                        accumulation dtype and allocate the outputs here. The same steps in
+//                        Python cost ~20 us per call, several times the kernel on small tensors.
 #include <torch/library.h>
+#include <ATen/ATen.h>
 
 #include "group_norm_cpu.h"
+
+namespace {
+
+// groupnorm.reference.memory_format_of: the layout an output of x's shape keeps
+at::MemoryFormat format_of(const at::Tensor& x) {
+  if (x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast))
+    return at::MemoryFormat::ChannelsLast;
+  if (x.dim() == 5 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast3d))
+    return at::MemoryFormat::ChannelsLast3d;
+  return at::MemoryFormat::Contiguous;
+}
+
+at::ScalarType acc_of(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+c10::optional<at::Tensor> acc_param(const c10::optional<at::Tensor>& p, at::ScalarType acc) {
+  if (!p.has_value() || !p->defined()) return c10::nullopt;
+  return p->to(acc).contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_fwd(
+    const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& residual, int64_t G, double eps, int64_t act) {
+  const auto fmt = format_of(x);
+  const auto acc = acc_of(x);
+  at::Tensor xc = x.contiguous(fmt);
+  at::Tensor y = at::empty_like(xc, xc.options(), fmt);
+  at::Tensor mean = at::empty({x.size(0), G}, x.options().dtype(acc));
+  at::Tensor rstd = at::empty({x.size(0), G}, x.options().dtype(acc));
+  c10::optional<at::Tensor> r, s;
+  if (residual.has_value() && residual->defined()) {
+    r = residual->contiguous(fmt);
+    s = at::empty_like(xc, xc.options(), fmt);
+  }
+  gn_forward(xc, acc_param(weight, acc), acc_param(bias, acc), r, G, eps, act,
+             fmt != at::MemoryFormat::Contiguous, y, mean, rstd, s);
+  // no residual: an empty tensor in the sum's place (an op's outputs must not alias)
+  return {y, mean, rstd, s.has_value() ? *s : at::empty({0}, x.options())};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_bwd(
+    const at::Tensor& dy, const c10::optional<at::Tensor>& dsum, const at::Tensor& xs,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& mean, const at::Tensor& rstd, int64_t G, int64_t act) {
+  const auto fmt = format_of(xs);
+  const auto acc = acc_of(xs);
+  at::Tensor xc = xs.contiguous(fmt);
+  at::Tensor dyc = dy.to(xs.scalar_type()).contiguous(fmt);
+  c10::optional<at::Tensor> dsc;
+  if (dsum.has_value() && dsum->defined()) dsc = dsum->to(xs.scalar_type()).contiguous(fmt);
+  at::Tensor dx = at::empty_like(xc, xc.options(), fmt);
+  const bool has_w = weight.has_value() && weight->defined();
+  const bool has_b = bias.has_value() && bias->defined();
+  // dW / dB in the parameters' dtype, dense; empty when there is no parameter
+  at::Tensor dw = has_w ? at::empty(weight->sizes(), weight->options()) : at::empty({0}, xs.options());
+  at::Tensor db = has_b ? at::empty(bias->sizes(), bias->options()) : at::empty({0}, xs.options());
+  gn_backward(dyc, dsc, xc, acc_param(weight, acc), acc_param(bias, acc), mean.to(acc).contiguous(),
+              rstd.to(acc).contiguous(), G, act, fmt != at::MemoryFormat::Contiguous, dx,
+              has_w ? c10::optional<at::Tensor>(dw) : c10::nullopt,
+              has_b ? c10::optional<at::Tensor>(db) : c10::nullopt);
+  return {dx, dw, db};
+}
+
+}  // namespace
 
 TORCH_LIBRARY(groupnorm_cpu, m) {
   m.def("forward(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, int G, float eps, "
@@ -14,4 +86,10 @@ TORCH_LIBRARY(groupnorm_cpu, m) {
         "Tensor rstd, int G, int act, bool channels_last, Tensor(a!) dx, Tensor(b!)? dw, "
         "Tensor(c!)? db) -> ()",
         &gn_backward);
+  m.def("fwd(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, int G, float eps, int act) "
+        "-> (Tensor, Tensor, Tensor, Tensor)",
+        &gn_fwd);
+  m.def("bwd(Tensor dy, Tensor? dsum, Tensor xs, Tensor? weight, Tensor? bias, Tensor mean, "
+        "Tensor rstd, int G, int act) -> (Tensor, Tensor, Tensor)",
+        &gn_bwd);
 }

@@ -143,38 +143,31 @@ def forward(x, weight, bias, residual, num_groups, eps, activation="none", *, ou
     if x.numel() == 0:  # N = 0 or an empty spatial dim: nothing to compute
         return reference.forward(x, weight, bias, residual, num_groups, eps, activation)
     ext = load_extension()
+    if out is None:
+        # the C++ op makes x dense in its output layout (a copy only for exotic strided
+        # views, which then give a contiguous output, as memory_format_of says), casts the
+        # parameters to the accumulation dtype and allocates the outputs
+        y, mean, rstd, s = ext.fwd(x, weight, bias, residual, num_groups, float(eps), _ACT[activation])
+        return y, mean, rstd, (s if residual is not None else None)
     fmt, cl = _layout(x)
-    # dense in the output layout (no-op for contiguous / channels-last inputs; a copy for
-    # other strided views, which then produce a contiguous output, as memory_format_of says)
     xc = x.contiguous(memory_format=fmt)
     r = residual.contiguous(memory_format=fmt) if residual is not None else None
     acc = reference.acc_dtype(x.dtype)
-    y = out if out is not None else torch.empty_like(xc, memory_format=fmt)
     N = x.shape[0]
     mean = torch.empty((N, num_groups), dtype=acc)
     rstd = torch.empty((N, num_groups), dtype=acc)
     s = torch.empty_like(xc, memory_format=fmt) if r is not None else None
     ext.forward(xc, _acc_param(weight, acc), _acc_param(bias, acc), r, num_groups, float(eps),
-                _ACT[activation], cl, y, mean, rstd, s)
-    return y, mean, rstd, s
+                _ACT[activation], cl, out, mean, rstd, s)
+    return out, mean, rstd, s
 
 
 def backward(dy, dsum, xs, weight, bias, mean, rstd, num_groups, activation="none"):
     if xs.numel() == 0:
         return reference.backward(dy, dsum, xs, weight, bias, mean, rstd, num_groups, activation)
-    ext = load_extension()
-    fmt, cl = _layout(xs)
-    xc = xs.contiguous(memory_format=fmt)
-    dyc = dy.to(xs.dtype).contiguous(memory_format=fmt)
-    dsc = dsum.to(xs.dtype).contiguous(memory_format=fmt) if dsum is not None else None
-    acc = reference.acc_dtype(xs.dtype)
-    dx = torch.empty_like(xc, memory_format=fmt)
-    dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if weight is not None else None
-    db = torch.empty_like(bias, memory_format=torch.contiguous_format) if bias is not None else None
-    ext.backward(dyc, dsc, xc, _acc_param(weight, acc), _acc_param(bias, acc),
-                 mean.to(acc).contiguous(), rstd.to(acc).contiguous(), num_groups,
-                 _ACT[activation], cl, dx, dw, db)
-    return dx, dw, db
+    # layout, dtype casts and allocation in the C++ op (see forward)
+    dx, dw, db = load_extension().bwd(dy, dsum, xs, weight, bias, mean, rstd, num_groups, _ACT[activation])
+    return dx, (dw if weight is not None else None), (db if bias is not None else None)
 
 
 register_route("cpu", forward, backward, supports, priority=10)

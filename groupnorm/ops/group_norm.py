@@ -164,6 +164,10 @@ class _EagerFn(torch.autograd.Function):
         return _backward(ctx, dy, dmean, drstd, ds, bwd_fn=bwd if torch.is_grad_enabled() else _bwd_impl)
 
 
+def _any_requires_grad(*ts) -> bool:
+    return any(t is not None and t.requires_grad for t in ts)
+
+
 def _plain_eager(x: Tensor) -> bool:
     return (
         type(x) is torch.Tensor
@@ -177,5 +181,8 @@ def _plain_eager(x: Tensor) -> bool:
 def group_norm_op(x, weight, bias, residual, num_groups, eps, activation, route):
     """``groupnorm::fwd`` with autograd: the custom op, or its eager twin when nothing traces."""
     if _plain_eager(x):
+        if not (torch.is_grad_enabled() and _any_requires_grad(x, weight, bias, residual)):
+            # nothing to differentiate (inference): no autograd node at all (~10 us less)
+            return _fwd_impl(x, weight, bias, residual, num_groups, eps, activation, route)
         return _EagerFn.apply(x, weight, bias, residual, num_groups, eps, activation, route)
     return fwd(x, weight, bias, residual, num_groups, eps, activation, route)

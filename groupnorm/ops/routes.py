@@ -47,7 +47,9 @@ _loaded = False
 def register_route(name: str, forward: Callable, backward: Callable,
                    supports: Callable[..., Optional[str]], priority: int = 0) -> None:
     """Add (or replace) a route. Higher priority is tried first by ``"auto"``."""
+    global _order
     ROUTES[name] = Route(name, forward, backward, supports, priority)
+    _order = None
 
 
 def _load_optional() -> None:
@@ -78,10 +80,23 @@ def _get(name: str) -> Route:
     return r
 
 
+# ROUTES by priority, recomputed when register_route changes it (or ROUTES is replaced or
+# grows/shrinks by direct edits): select runs on every call
+_order: Optional[tuple] = None
+_order_of: Optional[dict] = None
+
+
+def _by_priority() -> tuple:
+    global _order, _order_of
+    _load_optional()
+    if _order is None or _order_of is not ROUTES or len(_order) != len(ROUTES):
+        _order, _order_of = tuple(sorted(ROUTES.values(), key=lambda r: -r.priority)), ROUTES
+    return _order
+
+
 def available_routes() -> list[str]:
     """Names of the registered routes, in the order ``"auto"`` tries them."""
-    _load_optional()
-    return [r.name for r in sorted(ROUTES.values(), key=lambda r: -r.priority)]
+    return [r.name for r in _by_priority()]
 
 
 @contextlib.contextmanager
@@ -119,8 +134,7 @@ def select(route: str, x: torch.Tensor, weight, residual, activation: str) -> Ro
                 f"use route='auto' or one of {available_routes()}"
             )
         return r
-    for name in available_routes():
-        r = ROUTES[name]
+    for r in _by_priority():
         if r.supports(x, weight, residual, activation) is None:
             return r
     raise AssertionError("the reference route supports every call")  # pragma: no cover

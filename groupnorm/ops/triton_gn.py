@@ -275,7 +275,7 @@ def _geometry(x: Tensor, G: int) -> tuple[int, int, int, int]:
 
 
 def supports(x: Tensor, weight: Optional[Tensor], residual: Optional[Tensor], activation: str) -> Optional[str]:
-    if x.device.type != "cuda":
+    if not x.is_cuda:  # the first check "auto" makes for every CPU call: keep it cheap
         if not (x.device.type == "cpu" and interpreting()):
             return "not a CUDA tensor (TRITON_INTERPRET=1 runs the kernels on CPU tensors, slowly, for tests)"
     if x.dtype not in _DTYPES:
