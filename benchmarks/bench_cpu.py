@@ -4,6 +4,7 @@
     python benchmarks/bench_cpu.py --quick        # fewer repetitions
     python benchmarks/bench_cpu.py --only big-128 --dtype bf16 --layout cl
     python benchmarks/bench_cpu.py --memory       # peak-memory comparison (subprocesses)
+    python benchmarks/bench_cpu.py --overhead     # per-call cost on small tensors (OVERHEAD_SHAPES)
 
 Shapes: ``benchmarks/shapes.py`` (CPU_SHAPES), each in fp32/bf16 x NCHW/channels-last, rows:
 
@@ -41,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from shapes import CPU_SHAPES  # noqa: E402
+from shapes import CPU_SHAPES, OVERHEAD_SHAPES  # noqa: E402
 
 import groupnorm  # noqa: E402
 from groupnorm.ops import cpu as gcpu  # noqa: E402
@@ -275,6 +276,34 @@ def memory_rows(shapes):
     return "\n".join(lines)
 
 
+def overhead_rows(reps: int) -> str:
+    """Per-call microseconds through the public APIs on small fp32 tensors: each repetition
+    times a batch of 200 calls of ours and of torch's, interleaved; medians."""
+    out = ["| shape | call | ours us | torch us | ratio torch/ours |", "|---|---|---:|---:|---:|"]
+    for name, shape, G in OVERHEAD_SHAPES:
+        C = shape[1]
+        x = torch.randn(shape)
+        w, b = torch.randn(C, requires_grad=True), torch.randn(C, requires_grad=True)
+        xr = x.clone().requires_grad_()
+        dy = torch.randn_like(x)
+        m_ours, m_torch = groupnorm.GroupNorm(G, C), torch.nn.GroupNorm(G, C)
+        cases = {
+            "functional, no grad": (lambda: groupnorm.group_norm(x, G, w.detach(), b.detach()),
+                                    lambda: F.group_norm(x, G, w.detach(), b.detach())),
+            "module, inference_mode": (lambda: m_ours(x), lambda: m_torch(x)),
+            "functional fwd+bwd": (lambda: torch.autograd.grad(groupnorm.group_norm(xr, G, w, b), (xr, w, b), dy),
+                                   lambda: torch.autograd.grad(F.group_norm(xr, G, w, b), (xr, w, b), dy)),
+        }
+        for label, (fo, ft) in cases.items():
+            batch = lambda f: (lambda: [f() for _ in range(200)])  # noqa: E731
+            ctx = torch.inference_mode() if "inference" in label else torch.enable_grad()
+            with ctx:
+                to, tt = bench_pair(batch(fo), batch(ft), reps)
+            uo, ut = 1e6 * to.med / 200, 1e6 * tt.med / 200
+            out.append(f"| {name} {shape} G={G} | {label} | {uo:.1f} | {ut:.1f} | {ut / uo:.2f}x |")
+    return "\n".join(out)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="7 repetitions instead of 21")
@@ -283,6 +312,7 @@ def main():
     ap.add_argument("--dtype", default="fp32,bf16")
     ap.add_argument("--layout", default="nchw,cl")
     ap.add_argument("--memory", action="store_true", help="peak-memory table instead of timings")
+    ap.add_argument("--overhead", action="store_true", help="per-call cost on small tensors instead")
     ap.add_argument("--min-copy-gbs", type=float, default=15.0,
                     help="re-measure a (shape, dtype, layout) group whose best copy ran slower than this")
     a = ap.parse_args()
@@ -291,6 +321,11 @@ def main():
     if a.memory:
         print(header())
         print(memory_rows(shapes))
+        return
+    if a.overhead:
+        gcpu.load_extension()
+        print(header())
+        print(overhead_rows(a.reps or 15))
         return
     reps = a.reps or (7 if a.quick else 21)
     gcpu.load_extension()

@@ -28,3 +28,10 @@ GPU_SHAPES = CPU_SHAPES + [
     ("unet3d-128", (2, 32, 128, 128, 128), 8),
     ("liger-1d", (128, 2048, 512), 512),
 ]
+
+# Per-call overhead (bench_cpu.py --overhead): small tensors, where the Python/dispatch cost
+# of a call is comparable to the kernel's
+OVERHEAD_SHAPES = [
+    ("tiny", (2, 32, 8, 8), 8),
+    ("small", (8, 64, 16, 16), 32),
+]
