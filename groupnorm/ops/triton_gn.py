@@ -80,7 +80,7 @@ class Config:
 
     @property
     def block_split(self) -> int:
-        return triton.next_power_of_2(self.split)
+        return _next_pow2(self.split)
 
 
 _override: dict = {}
@@ -147,8 +147,8 @@ def _pick(N: int, G: int, Cg: int, S: int, channel_contiguous: bool, num_sms: in
     # cached: the choice is a pure function of its arguments, and launch overhead counts
     # on the small, launch-bound shapes
     group = max(1, Cg * S)
-    tile = max(1, min(tile, triton.next_power_of_2(group)))
-    pc, ps = triton.next_power_of_2(max(Cg, 1)), triton.next_power_of_2(max(S, 1))
+    tile = max(1, min(tile, _next_pow2(group)))
+    pc, ps = _next_pow2(max(Cg, 1)), _next_pow2(max(S, 1))
     if channel_contiguous:
         block_c = min(pc, tile)
         block_s = max(1, min(ps, tile // block_c))
@@ -157,19 +157,19 @@ def _pick(N: int, G: int, Cg: int, S: int, channel_contiguous: bool, num_sms: in
         block_c = max(1, min(pc, tile // block_s))
     NG = N * G
     if split is None:
-        split = triton.cdiv(2 * num_sms, NG) if NG < 2 * num_sms else 1
+        split = _cdiv(2 * num_sms, NG) if NG < 2 * num_sms else 1
         split = max(1, min(split, group // MIN_CHUNK))
-    if split > 1 and triton.cdiv(S, block_s) < split:
+    if split > 1 and _cdiv(S, block_s) < split:
         # shorter tiles along the positions so that the group can be cut into `split`
         # chunks, wider along the channels; NCHW keeps runs of >= 32 positions (coalescing),
         # channels-last keeps >= 1024 elements per tile
         floor = min(block_s, 32) if not channel_contiguous else min(block_s, max(1, 1024 // block_c))
-        block_s = max(floor, min(block_s, triton.next_power_of_2(triton.cdiv(S, split))))
+        block_s = max(floor, min(block_s, _next_pow2(_cdiv(S, split))))
         block_c = max(1, min(pc, tile // block_s))
-    max_split = max(1, triton.cdiv(S, block_s))
+    max_split = max(1, _cdiv(S, block_s))
     split = max(1, min(split, max_split))
-    s_chunk = triton.cdiv(triton.cdiv(max(S, 1), split), block_s) * block_s
-    split = triton.cdiv(max(S, 1), s_chunk)  # every chunk non-empty
+    s_chunk = _cdiv(_cdiv(max(S, 1), split), block_s) * block_s
+    split = _cdiv(max(S, 1), s_chunk)  # every chunk non-empty
     if items is None:
         items = 1
         if split == 1 and group <= tile and NG > 4 * num_sms:
@@ -204,7 +204,7 @@ def use_pixel_major(t: Tensor, C: int, Cg: int, S: int) -> bool:
     quarter of the SMs: a VAE's (1, 256, 1024, 1024), G=32, bf16 ran 2.19 -> 0.73 ms forward,
     2.78 -> 1.06 ms backward on an H100; with 128 or more groups the group kernels were as fast
     or faster). Forced by ``config_override(pixel_major=...)`` where it applies."""
-    if S <= 1 or t.stride(1) != 1 or t.stride(2) != C or triton.next_power_of_2(C) > CL_MAX_C:
+    if S <= 1 or t.stride(1) != 1 or t.stride(2) != C or _next_pow2(C) > CL_MAX_C:
         return False
     forced = _override.get("pixel_major")
     if forced is not None:
@@ -220,13 +220,13 @@ def pick_cl_config(N: int, C: int, S: int, num_sms: int) -> ClConfig:
 
 @functools.lru_cache(maxsize=1024)
 def _pick_cl(N: int, C: int, S: int, num_sms: int, split: Optional[int], tile: int) -> ClConfig:
-    block_cc = triton.next_power_of_2(C)
-    block_p = max(1, min(triton.next_power_of_2(S), tile // block_cc))
+    block_cc = _next_pow2(C)
+    block_p = max(1, min(_next_pow2(S), tile // block_cc))
     if split is None:
-        split = max(1, min(triton.cdiv(2 * num_sms, N), (S * C) // MIN_CHUNK))
-    split = max(1, min(split, triton.cdiv(S, block_p)))
-    p_chunk = triton.cdiv(triton.cdiv(S, split), block_p) * block_p
-    split = triton.cdiv(S, p_chunk)
+        split = max(1, min(_cdiv(2 * num_sms, N), (S * C) // MIN_CHUNK))
+    split = max(1, min(split, _cdiv(S, block_p)))
+    p_chunk = _cdiv(_cdiv(S, split), block_p) * block_p
+    split = _cdiv(S, p_chunk)
     elems = block_p * block_cc
     num_warps = 8 if elems >= 4096 else 4 if elems >= 1024 else 2 if elems >= 256 else 1
     return ClConfig(split, block_p, block_cc, p_chunk, num_warps)
@@ -250,9 +250,24 @@ def _strides(t: Optional[Tensor]) -> tuple[int, int, int]:
 
 def _needs_int64(*ts: Optional[Tensor]) -> bool:
     for t in ts:
-        if t is not None and sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) > _INT32_MAX:
+        if t is None:
+            continue
+        if t.numel() <= _INT32_MAX and t.is_contiguous():
+            continue  # dense: the largest offset is numel - 1 (the common case, checked cheaply)
+        if sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) > _INT32_MAX:
             return True
     return False
+
+
+# Host-side arithmetic of the launcher in plain Python: triton.cdiv / next_power_of_2 are
+# constexpr functions whose Python call path costs microseconds each, and a launch makes
+# several of them (host overhead is what small shapes pay; see docs/triton.md).
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 0 else 0  # as triton.next_power_of_2 (0 -> 0)
 
 
 def _align(Cg: int, cfg: Config) -> dict:
@@ -330,7 +345,7 @@ def _forward(x, weight, bias, residual, G, eps, activation, y, s, mean, rstd):
                   BLOCK_C=cfg.block_c, BLOCK_S=cfg.block_s, INT64=int64, num_warps=cfg.num_warps,
                   **_align(Cg, cfg))
     if cfg.split == 1:
-        grid = (triton.cdiv(NG, cfg.items),)
+        grid = (_cdiv(NG, cfg.items),)
         K._gn_fwd_fused[grid](
             xv, rv if rv is not None else xv, sv if sv is not None else xv, w, b, yv, mean, rstd,
             NG, G, Cg, S, float(eps), cfg.items,
@@ -338,7 +353,7 @@ def _forward(x, weight, bias, residual, G, eps, activation, y, s, mean, rstd):
             HAS_RES=residual is not None, **common)
     else:
         part = torch.empty((NG * cfg.split, 3), dtype=torch.float32, device=x.device)
-        grid = (triton.cdiv(NG * cfg.split, cfg.items),)
+        grid = (_cdiv(NG * cfg.split, cfg.items),)
         K._gn_fwd_stats[grid](
             xv, rv if rv is not None else xv, sv if sv is not None else xv, part,
             NG, G, Cg, S, cfg.s_chunk, cfg.split, cfg.items,
@@ -360,8 +375,10 @@ def backward(dy: Tensor, dsum: Optional[Tensor], xs: Tensor, weight: Optional[Te
     N, C, Cg, S = _geometry(xs, G)
     dx = torch.empty_like(xs, memory_format=reference.memory_format_of(xs))
     # dense (C,) gradients, whatever the parameters' strides
-    dw = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device) if weight is not None else None
-    db = torch.zeros(bias.shape, dtype=bias.dtype, device=bias.device) if bias is not None else None
+    # (_gn_bwd_dwdb writes every channel; only empty inputs need the zeros)
+    alloc = torch.zeros if xs.numel() == 0 else torch.empty
+    dw = alloc(weight.shape, dtype=weight.dtype, device=weight.device) if weight is not None else None
+    db = alloc(bias.shape, dtype=bias.dtype, device=bias.device) if bias is not None else None
     if xs.numel() == 0:
         # empty sums: zero dW/dB, empty dx
         return dx, dw, db
@@ -399,13 +416,13 @@ def _backward(dy, dsum, xs, weight, bias, mean, rstd, G, activation, dx, dw, db)
     ds = dsv if dsv is not None else xsv
     inv_d = 1.0 / (Cg * S)
     if cfg.split == 1:
-        grid = (triton.cdiv(NG, cfg.items),)
+        grid = (_cdiv(NG, cfg.items),)
         K._gn_bwd_fused[grid](
             dyv, xsv, w, b, mean, rstd, ds, dxv, dwp, dbp,
             NG, G, Cg, C, S, inv_d, cfg.items, *strides_dx,
             HAS_DSUM=dsum is not None, **common)
     else:
-        grid = (triton.cdiv(NG * cfg.split, cfg.items),)
+        grid = (_cdiv(NG * cfg.split, cfg.items),)
         K._gn_bwd_sums[grid](
             dyv, xsv, w, b, mean, rstd, dwp, dbp,
             NG, G, Cg, C, S, cfg.s_chunk, cfg.split, cfg.items,
@@ -422,9 +439,9 @@ def _launch_dwdb(K, dwp, dbp, C, weight, bias, dw, db):
     if weight is None and bias is None:
         return
     rows = dwp.shape[0]
-    block_c = min(triton.next_power_of_2(C), 64)
-    block_r = min(triton.next_power_of_2(rows), 32)
-    K._gn_bwd_dwdb[(triton.cdiv(C, block_c),)](
+    block_c = min(_next_pow2(C), 64)
+    block_r = min(_next_pow2(rows), 32)
+    K._gn_bwd_dwdb[(_cdiv(C, block_c),)](
         dwp, dbp, dw if dw is not None else dwp, db if db is not None else dbp, rows, C,
         HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_R=block_r, BLOCK_C=block_c,
         num_warps=4)
@@ -439,10 +456,10 @@ def _forward_pixel_major(K, xv, rv, yv, sv, weight, bias, mean, rstd, N, G, Cg, 
         N, G, Cg, C, S, cfg.p_chunk, cfg.split,
         *_strides(xv), *_strides(rv), *_strides(sv),
         HAS_RES=rv is not None, BLOCK_P=cfg.block_p, BLOCK_CC=cfg.block_cc,
-        BLOCK_GB=min(triton.next_power_of_2(G), 8), INT64=int64,
+        BLOCK_GB=min(_next_pow2(G), 8), INT64=int64,
         num_warps=cfg.num_warps)
     K._gn_cl_merge_stats[(N * G,)](part, mean, rstd, cfg.split, float(eps),
-                                   BLOCK_SPLIT=triton.next_power_of_2(cfg.split), num_warps=1)
+                                   BLOCK_SPLIT=_next_pow2(cfg.split), num_warps=1)
     src = sv if sv is not None else xv
     K._gn_cl_fwd_norm[grid](
         src, weight.contiguous() if weight is not None else xv, bias.contiguous() if bias is not None else xv,
@@ -467,7 +484,7 @@ def _backward_pixel_major(K, dyv, xsv, dsv, dxv, w, b, has_w, has_b, mean, rstd,
     c1 = torch.empty((N * G,), dtype=torch.float32, device=xsv.device)
     c2 = torch.empty((N * G,), dtype=torch.float32, device=xsv.device)
     K._gn_cl_bwd_terms[(N * G,)](dwp, dbp, w, c1, c2, G, Cg, C, cfg.split, 1.0 / (Cg * S),
-                                 HAS_W=has_w, BLOCK_CG=triton.next_power_of_2(Cg), num_warps=1)
+                                 HAS_W=has_w, BLOCK_CG=_next_pow2(Cg), num_warps=1)
     K._gn_cl_bwd_dx[grid](
         dyv, xsv, w, b, mean, rstd, dsv if dsv is not None else xsv, dxv, c1, c2,
         N, G, Cg, C, S, cfg.p_chunk, cfg.split,
