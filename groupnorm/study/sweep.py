@@ -3,6 +3,7 @@
 Layout of ``cfg.out``::
 
     runs/<key>/config.json   resolved run config + package version (written before training)
+    runs/<key>/checkpoint.pt end-of-epoch state of an unfinished run (resumed from, then deleted)
     runs/<key>/result.json   results and curves (written atomically when the run finishes)
     study.json               the study config + package version
     results.csv, results.md, report.md, fig_*.png
@@ -10,7 +11,8 @@ Layout of ``cfg.out``::
 A run is *finished* iff its ``result.json`` exists; it is never redone. Files are
 written to a temporary name and ``os.replace``-d into place, so a sweep killed at any
 moment (even SIGKILL) leaves either a complete result or none, and a restarted sweep
-produces the same table.
+produces the same table. A run killed mid-way resumes from its last finished epoch
+(``checkpoint.pt``) instead of from its start.
 """
 
 from __future__ import annotations
@@ -164,10 +166,13 @@ def run_sweep(cfg: StudyConfig, *, data=None, log=print) -> dict:
         if is_main:
             write_json(os.path.join(run_dir(cfg, rc["key"]), "config.json"),
                        dict(run=rc, version=package_version(), machine=machine_info()))
-        res = train_run(rc, data, progress=cfg.progress, desc=desc, device=cfg.device)
+        ckpt = os.path.join(run_dir(cfg, rc["key"]), "checkpoint.pt")
+        res = train_run(rc, data, progress=cfg.progress, desc=desc, device=cfg.device, checkpoint=ckpt)
         if is_main:
             write_json(os.path.join(run_dir(cfg, rc["key"]), "result.json"),
                        dict(res, key=rc["key"], version=package_version()))
+            if os.path.exists(ckpt):  # the result is saved: the checkpoint has served
+                os.unlink(ckpt)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix_str(f"last: {desc} err={res['error']:.2f}%")

@@ -14,7 +14,9 @@ contiguous share of the same step, so the split into devices is identical.
 from __future__ import annotations
 
 import math
+import os
 import statistics
+import tempfile
 import time
 import warnings
 from typing import Optional
@@ -98,8 +100,35 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 10
     return 100.0 * wrong / max(n, 1), loss / max(n, 1)
 
 
+def save_checkpoint(path: str, state: dict) -> None:
+    """Write ``state`` with torch.save to a temporary file, then os.replace it into place:
+    a kill at any moment leaves the previous checkpoint or the new one, never a torn file."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=".pt")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: Optional[str], key: str) -> Optional[dict]:
+    """The checkpoint at ``path`` if it belongs to run ``key`` (else None: start afresh)."""
+    if not path or not os.path.exists(path):
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    return state if state.get("key") == key else None
+
+
 def train_run(rc: dict, data: Dataset, *, progress: bool = False, desc: str = "",
-              max_steps: Optional[int] = None, keep_model: bool = False, device: str = "cpu") -> dict:
+              max_steps: Optional[int] = None, keep_model: bool = False, device: str = "cpu",
+              checkpoint: Optional[str] = None) -> dict:
     """Train one configuration and return its results and curves.
 
     Args:
@@ -110,6 +139,10 @@ def train_run(rc: dict, data: Dataset, *, progress: bool = False, desc: str = ""
         max_steps (int, optional): stop early (tests only; the result says so).
         keep_model (bool): also return the trained model under ``"model"``.
         device (str): ``cpu`` or ``cuda`` (not part of the run's identity).
+        checkpoint (str, optional): file for an end-of-epoch checkpoint (model, optimizer,
+            random generator, curve). If it exists and belongs to this run, training resumes
+            after its epoch and gives the same result as an uninterrupted run; the caller
+            deletes it once the result is saved.
 
     Returns:
         dict: ``error`` (median val error % of the last ``median_last`` epochs),
@@ -148,14 +181,23 @@ def train_run(rc: dict, data: Dataset, *, progress: bool = False, desc: str = ""
     gen = torch.Generator().manual_seed(rc["seed"])
     share = slice(rank * T // world, (rank + 1) * T // world)  # this process's devices
 
-    curve, t0, step, diverged = [], time.time(), 0, False
+    curve, t0, step, diverged, first_epoch = [], time.time(), 0, False, 0
+    state = load_checkpoint(checkpoint, rc["key"]) if checkpoint and "key" in rc and rank == 0 else None
+    if world > 1:  # rank 0 decides (other machines may not see its file) and sends the state
+        state = dist.broadcast_object(state)
+    if state is not None:  # resume after the last finished epoch
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        gen.set_state(state["gen"])
+        curve, step, first_epoch = state["curve"], state["step"], state["epoch"]
+        t0 -= state["time_s"]
     bar = None
     if progress and rank == 0:
         from tqdm.auto import tqdm
-        bar = tqdm(total=min(total_steps, max_steps or total_steps), desc=desc, leave=False, unit="step",
-                   dynamic_ncols=True)
+        bar = tqdm(total=min(total_steps, max_steps or total_steps), initial=step, desc=desc, leave=False,
+                   unit="step", dynamic_ncols=True)
     model.train()
-    for epoch in range(rc["epochs"]):
+    for epoch in range(first_epoch, rc["epochs"]):
         perm = torch.randperm(N, generator=gen)  # same permutation on every process
         run_loss = run_wrong = run_n = 0.0
         for s in range(steps_per_epoch):
@@ -195,6 +237,12 @@ def train_run(rc: dict, data: Dataset, *, progress: bool = False, desc: str = ""
                 break
         if diverged or (max_steps is not None and step >= max_steps):
             break
+        if checkpoint and "key" in rc and rank == 0 and epoch + 1 < rc["epochs"]:
+            # every process holds the same model and generator state here (DDP keeps
+            # parameters in sync; BN running statistics were averaged at the last evaluation)
+            save_checkpoint(checkpoint, dict(key=rc["key"], epoch=epoch + 1, step=step, curve=curve,
+                                             time_s=time.time() - t0, model=model.state_dict(),
+                                             opt=opt.state_dict(), gen=gen.get_state()))
     if bar is not None:
         bar.close()
     dist.average_buffers(model)  # the final model holds the processes' mean BN statistics

@@ -157,3 +157,50 @@ def test_divergence_is_recorded_not_raised(tmp_path):
     (_, r), = res["runs"]
     assert r["diverged"] and r["error"] == 100.0
     assert "diverged" in open(res["files"]["report"]).read()
+
+
+def test_run_killed_mid_way_resumes_from_its_last_epoch_with_the_same_result(tmp_path, monkeypatch):
+    # a run "killed" right after its first end-of-epoch checkpoint resumes from epoch 1 and
+    # ends exactly where an uninterrupted run ends (same curve, same error, same weights);
+    # without the checkpoint it would start again from epoch 0
+    from groupnorm.study import train as T
+    from groupnorm.study.data import load_dataset
+
+    cfg = _tiny(tmp_path, tmp_path / "o", norms=["bn"], batch_sizes=[4], seeds=[0], ablation=[], epochs=3)
+    rc = next(r for r in run_configs(cfg))
+    data = load_dataset(cfg.data)
+    torch.set_num_threads(1)
+    ref = T.train_run(rc, data, keep_model=True)
+
+    ckpt = str(tmp_path / "run" / "checkpoint.pt")
+    real_save = T.save_checkpoint
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        raise KeyboardInterrupt("killed after epoch 1")
+
+    monkeypatch.setattr(T, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        T.train_run(rc, data, checkpoint=ckpt)
+    monkeypatch.setattr(T, "save_checkpoint", real_save)
+    assert torch.load(ckpt, weights_only=False)["epoch"] == 1
+
+    started = []
+    real_randperm = torch.randperm
+    monkeypatch.setattr(torch, "randperm", lambda *a, **k: started.append(1) or real_randperm(*a, **k))
+    res = T.train_run(rc, data, checkpoint=ckpt, keep_model=True)
+    assert len(started) == 2, "resumed at epoch 1 of 3 (two epochs left to shuffle)"
+    strip = lambda c: [{k: v for k, v in e.items() if k != "time_s"} for e in c]  # noqa: E731
+    assert strip(res["curve"]) == strip(ref["curve"]) and res["error"] == ref["error"]
+    assert res["steps"] == ref["steps"]
+    for a, b in zip(res["model"].state_dict().values(), ref["model"].state_dict().values()):
+        assert torch.equal(a, b)
+    # a checkpoint of another run is ignored (training starts afresh)
+    assert T.load_checkpoint(ckpt, "another-key") is None
+
+
+def test_sweep_deletes_checkpoints_of_finished_runs(tmp_path):
+    cfg = _tiny(tmp_path, tmp_path / "o", norms=["gn"], batch_sizes=[8], seeds=[0], ablation=[], epochs=2)
+    run_sweep(cfg, log=lambda *_: None)
+    runs = list((tmp_path / "o" / "runs").iterdir())
+    assert runs and all((d / "result.json").exists() and not (d / "checkpoint.pt").exists() for d in runs)
