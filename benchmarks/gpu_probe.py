@@ -5,8 +5,9 @@ Prints, per shape / dtype / layout: the GPU time of the launcher's forward and b
 forced ``config_override`` variants (tile, split), next to torch eager's; then the host-side
 cost of one call through each layer (launcher, functional API, eager torch).
 
-GPU times here exclude host overhead: each timed region is queued behind a ~2 ms
-``torch.cuda._sleep`` so that the CPU has enqueued everything before the GPU reaches it.
+GPU times come from ``bench_gpu.Timer`` and exclude host overhead: each timed region is
+queued behind a ``torch.cuda._sleep`` so that the CPU has enqueued everything before the GPU
+reaches it.
 
     python benchmarks/gpu_probe.py [--quick]
 """
@@ -23,28 +24,17 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_gpu import Timer  # noqa: E402
 from shapes import GPU_SHAPES  # noqa: E402
 
 import groupnorm  # noqa: E402
 from groupnorm.ops import triton_gn as T  # noqa: E402
 
-FLUSH = None
+TIMER = None  # bench_gpu.Timer: the one GPU timing function (flush, sleep, CUDA events, median)
 
 
-def gpu_ms(fn, reps=15, warmup=3):
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(reps):
-        FLUSH.zero_()
-        torch.cuda._sleep(4_000_000)
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        out.append(s.elapsed_time(e))
-    return statistics.median(out)
+def gpu_ms(fn):
+    return TIMER(fn)
 
 
 def host_us(fn, reps=200):
@@ -63,7 +53,7 @@ def host_us(fn, reps=200):
 
 
 def main():
-    global FLUSH
+    global TIMER
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", nargs="+")
     ap.add_argument("--dtype", default="bf16")
@@ -71,7 +61,7 @@ def main():
     ap.add_argument("--variants", help='JSON list of config_override dicts, e.g. \'[{}, {"pixel_major": true}]\'')
     ap.add_argument("--host-only", action="store_true", help="only the host-cost table")
     args = ap.parse_args()
-    FLUSH = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
+    TIMER = Timer(reps=15, warmup=3, flush=True)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     variants = [dict()] + [dict(tile=t) for t in (1024, 2048, 8192, 16384)] + \
                [dict(split=s) for s in (1, 4, 16, 64)] + [dict(split=16, tile=t) for t in (2048, 8192)]
