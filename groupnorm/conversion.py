@@ -462,7 +462,8 @@ def _fusable_activation(m: nn.Module) -> Optional[str]:
     return None
 
 
-def fuse(model: nn.Module, *, activations: bool = True, inplace: bool = True) -> ConversionReport:
+def fuse(model: nn.Module, *, activations: bool = True, inplace: bool = True,
+         trace: bool = False) -> ConversionReport:
     """Swap ``torch.nn.GroupNorm`` for :class:`groupnorm.GroupNorm` and fuse activations.
 
     1. Every ``torch.nn.GroupNorm`` (exactly that class, not subclasses, whose forward may
@@ -474,8 +475,16 @@ def fuse(model: nn.Module, *, activations: bool = True, inplace: bool = True) ->
        activation's slot becomes ``nn.Identity()`` (indices and ``state_dict`` keys stay).
        A GroupNorm instance that is also used elsewhere in the tree is not fused (its other
        uses do not want the activation). Activations applied in ``forward`` code
-       (``F.silu(self.norm(x))``) are invisible to module surgery: build such blocks with
-       ``GroupNorm(..., activation="silu")`` and drop the call.
+       (``F.silu(self.norm(x))``, ``self.act(self.norm(x))``) are invisible to module
+       surgery: pass ``trace=True``, or build such blocks with ``GroupNorm(activation=...)``.
+    3. With ``trace=True`` (and ``activations``), the model is traced with ``torch.fx``
+       and every GroupNorm call whose output goes only to an activation (``nn.SiLU`` /
+       ``nn.ReLU`` / exact ``nn.GELU`` modules, ``F.silu``, ``F.relu``, ``torch.relu``,
+       exact ``F.gelu``, ``.relu()``) absorbs it; the activation call is removed from the
+       graph (an activation module shared with other calls keeps working there).
+       ``report.model`` is then a ``torch.fx.GraphModule`` with the same submodules and
+       ``state_dict`` keys. A model that fx cannot trace (data-dependent control flow)
+       raises a ``RuntimeError`` saying so; use ``trace=False`` for it.
     """
     def make(path: str, m: nn.Module):
         if type(m) is not nn.GroupNorm:
@@ -516,7 +525,85 @@ def fuse(model: nn.Module, *, activations: bool = True, inplace: bool = True) ->
                 report.replaced.append(rec)
             rec.target = f"GroupNorm(activation={act!r})"
             rec.note = f"fused {_join(path, b)} ({type(act_mod).__name__}), now nn.Identity"
+    if trace:
+        _fuse_traced(report)
     return _logged(report)
+
+
+def _traced_activation(gm: nn.Module, node) -> Optional[str]:
+    """The op's activation name for an fx node that applies a fusable activation, else None."""
+    import torch.nn.functional as F
+
+    if node.op == "call_module":
+        return _fusable_activation(gm.get_submodule(node.target))
+    if node.op == "call_function":
+        if node.target is F.silu:
+            return "silu"
+        if node.target in (F.relu, torch.relu):
+            return "relu"
+        if node.target is F.gelu and node.kwargs.get("approximate", "none") == "none" and len(node.args) == 1:
+            return "gelu"
+    if node.op == "call_method" and node.target == "relu":
+        return "relu"
+    return None
+
+
+def _fuse_traced(report: ConversionReport) -> None:
+    """Step 3 of :func:`fuse`: GroupNorm -> activation call pairs found by torch.fx."""
+    import torch.fx
+
+    class _Tracer(torch.fx.Tracer):  # GroupNorm calls stay call_module nodes (leaves)
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return type(m) is GroupNorm or super().is_leaf_module(m, qualname)
+
+    try:
+        gm = torch.fx.GraphModule(report.model, _Tracer().trace(report.model), type(report.model).__name__)
+    except Exception as e:
+        raise RuntimeError(
+            f"fuse(trace=True): torch.fx cannot trace {type(report.model).__name__} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); use fuse(model) without trace (Sequential "
+            "pairs only) or build the blocks with GroupNorm(..., activation=...)") from e
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    rec_of = {r.path: r for r in report.replaced}
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or type(gm.get_submodule(node.target)) is not GroupNorm:
+            continue
+        gn = gm.get_submodule(node.target)
+        users = list(node.users)
+        if gn.activation or len(users) != 1 or users[0].args[:1] != (node,):
+            continue
+        act = _traced_activation(gm, users[0])
+        if act is None:
+            continue
+        if calls[node.target] > 1:
+            report.skipped.append((node.target, "GroupNorm called more than once; not fused with its activation"))
+            continue
+        act_node = users[0]
+        # a shallow copy with the activation (same Parameter objects, same state_dict keys)
+        # takes the GroupNorm's place in the GraphModule only: the traced model's own module
+        # is shared with the GraphModule and still has its activation call after it
+        fused = copy.copy(gn)
+        fused.activation = act
+        parent, _, name = node.target.rpartition(".")
+        setattr(gm.get_submodule(parent) if parent else gm, name, fused)
+        act_node.replace_all_uses_with(node)
+        gm.graph.erase_node(act_node)
+        changed = True
+        rec = rec_of.get(node.target)
+        if rec is None:
+            rec = Replacement(node.target, "GroupNorm", "GroupNorm", gn.num_channels, gn.num_groups)
+            report.replaced.append(rec)
+            rec_of[node.target] = rec
+        rec.target = f"GroupNorm(activation={act!r})"
+        rec.note = f"fused the traced activation call {act_node.name!r} (report.model is a GraphModule)"
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+        report.model = gm
 
 
 # --------------------------------------------------------------------------------------

@@ -73,6 +73,13 @@ def group_norm(
         >>> y = group_norm(x, 32, activation="silu")
         >>> y, h = group_norm(x, group_size=8, residual=torch.randn_like(x), return_sum=True)
     """
+    if isinstance(x, torch.fx.Proxy):
+        # torch.fx.symbolic_trace: record one call_function node (validation runs when the
+        # traced graph runs); without this the Proxy would reach the validation and fail
+        return x.tracer.create_proxy(
+            "call_function", group_norm, (x, num_groups, weight, bias, eps),
+            dict(group_size=group_size, activation=activation, residual=residual, return_sum=return_sum,
+                 route=route))
     if torch.jit.is_tracing():
         # shapes are constants to the tracer, which warns about every Python comparison of them
         with warnings.catch_warnings():

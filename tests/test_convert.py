@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from _integration_models import Tiny3DNet, TinyResNet, UNetResBlock, count
-from groupnorm import GroupNorm
+from groupnorm import GroupNorm, group_norm
 from groupnorm._validate import divisors
 from groupnorm.conversion import (
     BatchNormAct2d,
@@ -401,6 +401,97 @@ def test_fuse_what_is_not_fused():
     m = nn.Sequential(nn.GroupNorm(2, 8), nn.SiLU())
     fuse(m, activations=False)
     assert isinstance(m[1], nn.SiLU) and m[0].activation is None
+
+
+class _FnActBlock(nn.Module):
+    """Activations applied in forward code, the way diffusion UNets write their blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.norm1, self.norm2, self.norm3 = nn.GroupNorm(4, 8), nn.GroupNorm(2, 8), GroupNorm(2, 8)
+        self.norm4, self.norm5 = nn.GroupNorm(4, 8), nn.GroupNorm(2, 8)
+        self.act = nn.SiLU()  # shared: also applied to the time embedding
+
+    def forward(self, x, temb):
+        h = F.silu(self.norm1(self.conv(x)))          # functional SiLU            -> fused
+        h = self.act(self.norm2(h))                   # shared activation module   -> fused
+        h = F.gelu(self.norm3(h))                     # our own GroupNorm + exact F.gelu -> fused
+        h = self.norm4(h).relu()                      # method call                -> fused
+        n5 = self.norm5(h)
+        h = F.gelu(n5, approximate="tanh") + n5       # tanh GELU, and a second use: not fused
+        return h + self.act(temb)                     # the shared SiLU still applies here
+
+
+def test_fuse_traced_activation_calls_same_outputs_and_grads():
+    model = _FnActBlock()
+    x, temb = torch.randn(2, 8, 5, 5), torch.randn(2, 8, 5, 5)
+    ref = model(x, temb)
+    report = fuse(model, trace=True)
+    gm = report.model
+    assert isinstance(gm, torch.fx.GraphModule)
+    acts = {r.path: r.target for r in report.replaced}
+    assert acts == {"norm1": "GroupNorm(activation='silu')", "norm2": "GroupNorm(activation='silu')",
+                    "norm3": "GroupNorm(activation='gelu')", "norm4": "GroupNorm(activation='relu')",
+                    "norm5": "GroupNorm"}
+    code = gm.code
+    assert "silu" not in code and ".relu()" not in code and "approximate = 'tanh'" in code
+    assert list(gm.state_dict()) == list(model.state_dict())
+    xr = x.clone().requires_grad_()
+    out = gm(xr, temb)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # the traced model itself keeps computing the same thing (its modules were not changed
+    # to apply the activation a second time)
+    torch.testing.assert_close(model(x, temb), ref, rtol=1e-5, atol=1e-5)
+    (gx,) = torch.autograd.grad(out.sum(), [xr])
+    x2 = x.clone().requires_grad_()
+    (gref,) = torch.autograd.grad(model(x2, temb).sum(), [x2])
+    torch.testing.assert_close(gx, gref, rtol=1e-4, atol=1e-5)
+
+
+def test_fuse_traced_skips_a_groupnorm_called_twice_and_reports_untraceable_models():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.GroupNorm(2, 8)
+
+        def forward(self, x):
+            return F.silu(self.norm(x)) + self.norm(x * 2)
+
+    model = Twice()
+    report = fuse(model, trace=True)
+    assert any("called more than once" in why for _, why in report.skipped)
+    # nothing fused: the (module-swapped) model itself is returned, no GraphModule
+    assert report.model is model and model.norm.activation is None
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.GroupNorm(2, 8)
+
+        def forward(self, x):
+            return F.silu(self.norm(x)) if x.sum() > 0 else x  # data-dependent: fx cannot trace
+
+    with pytest.raises(RuntimeError, match=r"fuse\(trace=True\): torch.fx cannot trace Branchy"):
+        fuse(Branchy(), trace=True)
+
+
+def test_symbolic_trace_of_models_using_groupnorm():
+    # torch.fx sees group_norm as one call (module and functional forms, with return_sum)
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gn = GroupNorm(4, 8, activation="silu")
+
+        def forward(self, x, r):
+            y, s = group_norm(self.gn(x), 2, residual=r, return_sum=True)
+            return y * s
+
+    m = M()
+    gm = torch.fx.symbolic_trace(m)
+    x, r = torch.randn(2, 8, 4, 4), torch.randn(2, 8, 4, 4)
+    torch.testing.assert_close(gm(x, r), m(x, r))
+    assert "group_norm" in gm.code
 
 
 def test_fuse_gn_without_bias_and_own_gn_followed_by_act():
