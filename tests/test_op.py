@@ -466,7 +466,7 @@ def test_eager_twin_matches_custom_op_bitwise(route):
     # anything that traces runs the custom op: both must give the very same bits
     from groupnorm.ops import group_norm as op
 
-    assert op._plain_eager(torch.zeros(1))
+    assert op._eager(torch.zeros(1))
     results = []
     for call in (op._EagerFn.apply, op.fwd):
         x = make_input((2, 8, 5, 5), torch.float32, "channels_last").requires_grad_()
@@ -477,6 +477,34 @@ def test_eager_twin_matches_custom_op_bitwise(route):
         results.append((y, s, x.grad, w.grad, b.grad))
     for a, e in zip(*results):
         assert torch.equal(a, e)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap's per-sample fallback
+@pytest.mark.parametrize("route", ROUTES)
+def test_torch_func_transforms(route):
+    # torch.func.grad / jacrev / vmap work and agree with autograd (torch.library's generated
+    # autograd does not support them: the eager autograd.Functions carry these calls)
+    g = torch.Generator().manual_seed(3)
+    x = make_input((2, 6, 4), torch.float64, generator=g)
+    w, b = _params(6, torch.float64)
+
+    def f(t, w):
+        return group_norm(t, 3, w, b, activation="silu", route=route)
+
+    gx, gw = torch.func.grad(lambda t, w: f(t, w).square().sum(), argnums=(0, 1))(x, w)
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    ex, ew = torch.autograd.grad(f(xr, wr).square().sum(), [xr, wr])
+    torch.testing.assert_close(gx, ex)
+    torch.testing.assert_close(gw, ew)
+    xs = x[:1, :, :2]
+    jac = torch.func.jacrev(lambda t: f(t, w))(xs)
+    ref = torch.autograd.functional.jacobian(lambda t: f(t, w), xs)
+    torch.testing.assert_close(jac, ref)
+    xb = make_input((3, 2, 6, 4), torch.float64, generator=g)
+    torch.testing.assert_close(torch.func.vmap(lambda t: f(t, w))(xb), torch.stack([f(t, w) for t in xb]))
+    # per-sample gradients: vmap over grad
+    ps = torch.func.vmap(torch.func.grad(lambda t: f(t, w).sum()))(xb)
+    torch.testing.assert_close(ps, torch.stack([torch.func.grad(lambda t: f(t, w).sum())(t) for t in xb]))
 
 
 def test_broken_triton_disables_only_its_route_with_a_warning(monkeypatch):

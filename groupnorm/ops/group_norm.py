@@ -143,46 +143,102 @@ def _bwd_backward(ctx, gdx, gdw, gdb):
 bwd.register_autograd(_bwd_backward, setup_context=_bwd_setup)
 
 
-# ---- eager fast path ------------------------------------------------------------------------
+# ---- eager path ------------------------------------------------------------------------------
 # The torch.library machinery (schema checks, Python dispatch, generated autograd node) costs
-# ~35 us per call on CPU: more than the kernel itself for small tensors. In plain eager mode the
-# same route functions run behind this autograd.Function instead; everything that traces
-# (torch.compile, export/ONNX, jit.trace, fake/dispatch modes, functorch transforms) still
-# sees the custom op.
+# ~35 us per call on CPU: more than the kernel itself for small tensors. In eager mode the
+# same route functions run behind these two autograd.Functions instead; everything that traces
+# (torch.compile, export/ONNX, jit.trace, fake/dispatch modes) still sees the custom op.
+# They are also what runs under torch.func transforms (grad, vjp, jacrev, vmap): the autograd
+# that torch.library generates for a custom op does not support them (pytorch/pytorch#168393,
+# #179652), an autograd.Function written with setup_context does.
 
 
 class _EagerFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, num_groups, eps, activation, route):
-        out = _fwd_impl(x, weight, bias, residual, num_groups, eps, activation, route)
-        _setup_context(ctx, (x, weight, bias, residual, num_groups, eps, activation, route), out)
+    def forward(ctx, *inputs):  # (x, weight, bias, residual, num_groups, eps, activation, route)
+        out = _fwd_impl(*inputs)
+        _setup_context(ctx, inputs, out)
         return out
 
     @staticmethod
     def backward(ctx, dy, dmean, drstd, ds):
-        # with create_graph the custom op's backward is used: it has the double backward
-        return _backward(ctx, dy, dmean, drstd, ds, bwd_fn=bwd if torch.is_grad_enabled() else _bwd_impl)
+        # differentiable (create_graph, or a torch.func transform above): through the backward
+        # Function, which has the double backward
+        return _backward(ctx, dy, dmean, drstd, ds, bwd_fn=_bwd_fn() if torch.is_grad_enabled() else _bwd_impl)
+
+
+class _EagerBwd(torch.autograd.Function):
+    """The op's backward as a differentiable function (the eager twin of ``groupnorm::bwd``)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):  # (dy, dsum, xs, weight, bias, mean, rstd, num_groups, eps, activation, route)
+        out = _bwd_impl(*inputs)
+        _bwd_setup(ctx, inputs, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, gdx, gdw, gdb):
+        return _bwd_backward(ctx, gdx, gdw, gdb)
+
+
+# The same two under torch.func transforms, which require the setup_context form. That form
+# costs an inspect.signature bind per call (~20 us), so plain eager calls use the ones above.
+class _FuncFn(torch.autograd.Function):
+    generate_vmap_rule = True  # vmap runs forward/backward per sample through the routes
+
+    @staticmethod
+    def forward(x, weight, bias, residual, num_groups, eps, activation, route):
+        return _fwd_impl(x, weight, bias, residual, num_groups, eps, activation, route)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+
+    backward = _EagerFn.backward
+
+
+class _FuncBwd(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(dy, dsum, xs, weight, bias, mean, rstd, num_groups, eps, activation, route):
+        return _bwd_impl(dy, dsum, xs, weight, bias, mean, rstd, num_groups, eps, activation, route)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _bwd_setup(ctx, inputs, output)
+
+    backward = _EagerBwd.backward
+
+
+def _functorch() -> bool:
+    return torch._C._are_functorch_transforms_active()
+
+
+def _bwd_fn():
+    return _FuncBwd.apply if _functorch() else _EagerBwd.apply
 
 
 def _any_requires_grad(*ts) -> bool:
     return any(t is not None and t.requires_grad for t in ts)
 
 
-def _plain_eager(x: Tensor) -> bool:
+def _eager(x: Tensor) -> bool:
+    """True when nothing traces the call (torch.func transforms may be active)."""
     return (
         type(x) is torch.Tensor
         and not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()
         and torch._C._len_torch_dispatch_stack() == 0
-        and not torch._C._are_functorch_transforms_active()
     )
 
 
 def group_norm_op(x, weight, bias, residual, num_groups, eps, activation, route):
     """``groupnorm::fwd`` with autograd: the custom op, or its eager twin when nothing traces."""
-    if _plain_eager(x):
+    if _eager(x):
         if not (torch.is_grad_enabled() and _any_requires_grad(x, weight, bias, residual)):
             # nothing to differentiate (inference): no autograd node at all (~10 us less)
             return _fwd_impl(x, weight, bias, residual, num_groups, eps, activation, route)
-        return _EagerFn.apply(x, weight, bias, residual, num_groups, eps, activation, route)
+        fn = _FuncFn if _functorch() else _EagerFn
+        return fn.apply(x, weight, bias, residual, num_groups, eps, activation, route)
     return fwd(x, weight, bias, residual, num_groups, eps, activation, route)
