@@ -505,6 +505,30 @@ def test_torch_func_transforms(route):
     # per-sample gradients: vmap over grad
     ps = torch.func.vmap(torch.func.grad(lambda t: f(t, w).sum()))(xb)
     torch.testing.assert_close(ps, torch.stack([torch.func.grad(lambda t: f(t, w).sum())(t) for t in xb]))
+    # forward mode: torch.func.jvp / jacfwd against F.group_norm + F.silu
+    v = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    _, t = torch.func.jvp(lambda t: f(t, w), (x,), (v,))
+    _, t_ref = torch.func.jvp(lambda t: F.silu(F.group_norm(t, 3, w, b)), (x,), (v,))
+    torch.testing.assert_close(t, t_ref)
+    torch.testing.assert_close(torch.func.jacfwd(lambda t: f(t, w))(xs), ref)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_forward_mode_ad_gradcheck(route):
+    # torch.autograd.forward_ad (dual tensors), with every input differentiable, the residual
+    # and the returned sum; a dual input that does not require grad must not take the
+    # inference shortcut (it would drop the tangent)
+    g = torch.Generator().manual_seed(4)
+    x, r = (make_input((2, 6, 3), torch.float64, generator=g).requires_grad_() for _ in range(2))
+    w, b = (t.requires_grad_() for t in _params(6, torch.float64))
+    fn = lambda x, w, b, r: group_norm(x, 3, w, b, activation="gelu", residual=r, return_sum=True, route=route)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w, b, r), check_forward_ad=True, check_backward_ad=False)
+    import torch.autograd.forward_ad as fwAD
+    tan = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    _, t_ref = torch.func.jvp(lambda t: F.group_norm(t, 3), (x.detach(),), (tan,))
+    with fwAD.dual_level():
+        y = group_norm(fwAD.make_dual(x.detach(), tan), 3, route=route)
+        torch.testing.assert_close(fwAD.unpack_dual(y).tangent, t_ref)
 
 
 def test_broken_triton_disables_only_its_route_with_a_warning(monkeypatch):

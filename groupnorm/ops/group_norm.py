@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from .. import reference
 from . import routes
@@ -143,6 +144,39 @@ def _bwd_backward(ctx, gdx, gdw, gdb):
 bwd.register_autograd(_bwd_backward, setup_context=_bwd_setup)
 
 
+def _fwd_jvp(ctx, tx, tw, tb, tr, *_):
+    """Forward-mode AD (jvp) of the op, from the reference forward (mean and rstd recomputed;
+    extra work only under forward AD). The statistics get no tangent.
+
+    Under torch.func.jvp the reference is differentiated with a nested torch.func.jvp. Under
+    torch.autograd.forward_ad, dual levels cannot nest, so the double-vjp identity
+    J v = d/du <J^T u, v> is used (reverse mode, two reference backward passes)."""
+    saved = ctx.saved_tensors
+    present = [t for t in saved if t is not None]
+    tans = tuple(dt if dt is not None else torch.zeros_like(t)
+                 for t, dt in zip(saved, (tx, tw, tb, tr)) if t is not None)
+
+    def f(*ts):
+        it = iter(ts)
+        x, weight, bias, residual = (next(it) if t is not None else None for t in saved)
+        y, _, _, s = reference.forward(x, weight, bias, residual, ctx.num_groups, ctx.eps, ctx.activation)
+        return (y,) if s is None else (y, s)
+
+    if _functorch():
+        _, jv = torch.func.jvp(f, tuple(present), tans)
+    else:
+        prim = [t.detach().requires_grad_() for t in present]
+        with torch.enable_grad():
+            outs = f(*prim)
+            us = [torch.zeros_like(o, requires_grad=True) for o in outs]
+            jt_u = torch.autograd.grad(outs, prim, us, create_graph=True, allow_unused=True)
+            pairs = [(g, v) for g, v in zip(jt_u, tans) if g is not None]
+            jv = torch.autograd.grad([g for g, _ in pairs], us, [v for _, v in pairs], allow_unused=True)
+        jv = [(t if t is not None else torch.zeros_like(o)).detach() for t, o in zip(jv, outs)]
+    # without a residual the sum output is an empty placeholder tensor: its tangent is empty too
+    return jv[0], None, None, (jv[1] if len(jv) > 1 else saved[0].new_zeros(0))
+
+
 # ---- eager path ------------------------------------------------------------------------------
 # The torch.library machinery (schema checks, Python dispatch, generated autograd node) costs
 # ~35 us per call on CPU: more than the kernel itself for small tensors. In eager mode the
@@ -158,7 +192,10 @@ class _EagerFn(torch.autograd.Function):
     def forward(ctx, *inputs):  # (x, weight, bias, residual, num_groups, eps, activation, route)
         out = _fwd_impl(*inputs)
         _setup_context(ctx, inputs, out)
+        ctx.save_for_forward(*inputs[:4])
         return out
+
+    jvp = staticmethod(_fwd_jvp)
 
     @staticmethod
     def backward(ctx, dy, dmean, drstd, ds):
@@ -193,8 +230,10 @@ class _FuncFn(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         _setup_context(ctx, inputs, output)
+        ctx.save_for_forward(*inputs[:4])
 
     backward = _EagerFn.backward
+    jvp = staticmethod(_fwd_jvp)
 
 
 class _FuncBwd(torch.autograd.Function):
@@ -236,7 +275,8 @@ def _eager(x: Tensor) -> bool:
 def group_norm_op(x, weight, bias, residual, num_groups, eps, activation, route):
     """``groupnorm::fwd`` with autograd: the custom op, or its eager twin when nothing traces."""
     if _eager(x):
-        if not (torch.is_grad_enabled() and _any_requires_grad(x, weight, bias, residual)):
+        if not (torch.is_grad_enabled() and _any_requires_grad(x, weight, bias, residual)) and \
+                _forward_ad._current_level < 0:
             # nothing to differentiate (inference): no autograd node at all (~10 us less)
             return _fwd_impl(x, weight, bias, residual, num_groups, eps, activation, route)
         fn = _FuncFn if _functorch() else _EagerFn
