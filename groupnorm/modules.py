@@ -94,7 +94,31 @@ class GroupNorm(nn.Module):
             activation=self.activation, residual=residual, return_sum=return_sum,
         )
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        # torch.jit.script (deprecated in recent torch, still used for deployment) calls this
+        # first: the Python forward (validation, routes, return_sum) is not scriptable, the
+        # custom op is. Parameters are shared, state_dict keys are the same.
+        return _ScriptableGroupNorm(self)
+
     def extra_repr(self) -> str:
         s = (f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, "
              f"bias={self.bias is not None}")
         return s + (f", activation={self.activation!r}" if self.activation else "")
+
+
+class _ScriptableGroupNorm(nn.Module):
+    """What ``torch.jit.script(GroupNorm(...))`` compiles: the same computation through the
+    ``groupnorm::fwd`` custom op (``residual`` supported, ``return_sum`` not)."""
+
+    def __init__(self, m: GroupNorm):
+        super().__init__()
+        self.num_groups, self.num_channels, self.eps, self.affine = m.num_groups, m.num_channels, m.eps, m.affine
+        self.activation = m.activation or "none"
+        self.weight, self.bias = m.weight, m.bias
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if x.dim() < 2 or x.shape[1] != self.num_channels:
+            raise ValueError("GroupNorm: expected input of shape (N, " + str(self.num_channels)
+                             + ", *), got " + str(x.shape))
+        return torch.ops.groupnorm.fwd(x, self.weight, self.bias, residual, self.num_groups, float(self.eps),
+                                       self.activation, "auto")[0]

@@ -174,6 +174,40 @@ def test_jit_trace_save_load_resnet(tmp_path):
     assert model.bn1.weight.grad is not None
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # TorchScript is deprecated in recent torch
+def test_jit_script_save_load_and_train(tmp_path):
+    # torch.jit.script compiles GroupNorm's scriptable stand-in (__prepare_scriptable__):
+    # same outputs, gradients, state_dict keys; a residual argument; affine=False
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.gn1 = GroupNorm(4, 8, activation="silu")
+            self.gn2 = GroupNorm(2, 8, affine=False)
+
+        def forward(self, x):
+            h = self.conv(x)
+            return self.gn2(self.gn1(h), residual=h)
+
+    model = Block()
+    scripted = torch.jit.script(model)
+    assert list(scripted.state_dict()) == list(model.state_dict())
+    path = tmp_path / "block.pt"
+    scripted.save(str(path))
+    loaded = torch.jit.load(str(path))
+    x = torch.randn(2, 3, 6, 5).contiguous(memory_format=torch.channels_last)
+    ref = model(x)
+    for m in (scripted, loaded):
+        torch.testing.assert_close(m(x), ref)
+    scripted(x).square().sum().backward()  # the scripted module shares the Parameters
+    g_script = model.gn1.weight.grad.clone()
+    model.zero_grad()
+    model(x).square().sum().backward()
+    torch.testing.assert_close(g_script, model.gn1.weight.grad)
+    with pytest.raises(Exception, match=r"expected input of shape \(N, 8, \*\)"):
+        torch.jit.script(GroupNorm(2, 8))(torch.randn(2, 6, 3))
+
+
 class _ResidualCall(nn.Module):
     def __init__(self):
         super().__init__()
