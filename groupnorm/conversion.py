@@ -236,7 +236,8 @@ def convert(
     affine: Optional[bool] = None,
     inplace: bool = True,
 ) -> ConversionReport:
-    """Replace every BatchNorm1d/2d/3d and SyncBatchNorm in ``model`` by :class:`GroupNorm`.
+    """Replace every BatchNorm1d/2d/3d, SyncBatchNorm and FrozenBatchNorm2d (torchvision's and
+    detectron2's, as in detection backbones) in ``model`` by :class:`GroupNorm`.
 
     Args:
         model: any module tree (it may itself be a BatchNorm).
@@ -252,7 +253,9 @@ def convert(
         inplace: ``False`` converts a deep copy and leaves ``model`` untouched.
 
     Running statistics (``running_mean``/``running_var``, ``track_running_stats``) and
-    ``momentum`` have no GroupNorm counterpart and are dropped (noted in the report). An
+    ``momentum`` have no GroupNorm counterpart and are dropped (noted in the report). A
+    FrozenBatchNorm2d's weight/bias buffers become the initial values of trainable GroupNorm
+    parameters (``affine=False`` drops them). An
     uninitialised ``LazyBatchNorm`` is skipped (run a forward pass first).
 
     Returns:
@@ -274,6 +277,8 @@ def convert(
     choose_groups(max(num_groups or 1, group_size or 1), num_groups, group_size, fallback)  # check args
 
     def make(path: str, m: nn.Module):
+        if _is_frozen_bn(m):
+            return _from_frozen(path, m)
         if not isinstance(m, _BatchNorm):
             return None
         C = m.num_features
@@ -300,7 +305,34 @@ def convert(
         rec = Replacement(path, type(m).__name__, "GroupNorm", C, G, "; ".join(notes))
         return _finish(new, m), rec
 
+    def _from_frozen(path: str, m: nn.Module):
+        # torchvision's / detectron2's FrozenBatchNorm2d: the detection backbones' BN, with
+        # weight, bias and running stats as buffers. GN (trainable, as in the paper's
+        # detection experiments) starts from the frozen weight/bias values.
+        C = m.weight.numel()
+        try:
+            G = choose_groups(C, num_groups, group_size, fallback)
+        except ValueError as e:
+            raise ValueError(f"groupnorm.convert: cannot convert {path or '<root>'} ({type(m).__name__}({C})): {e}") from e
+        want_affine = True if affine is None else affine
+        new = GroupNorm(G, C, eps=getattr(m, "eps", 1e-5) if eps is None else eps, affine=want_affine,
+                        device=m.weight.device, dtype=m.weight.dtype)
+        notes = ["frozen running stats dropped"]
+        if want_affine:
+            with torch.no_grad():
+                new.weight.copy_(m.weight)
+                new.bias.copy_(m.bias)
+            notes.append("frozen weight/bias copied into trainable GroupNorm parameters")
+        return _finish(new, m), Replacement(path, type(m).__name__, "GroupNorm", C, G, "; ".join(notes))
+
     return _logged(_replace_modules(model, make, "BatchNorm -> GroupNorm", inplace, "BatchNorm"))
+
+
+def _is_frozen_bn(m: nn.Module) -> bool:
+    """A FrozenBatchNorm2d (torchvision.ops.misc, detectron2): recognised by name and buffers,
+    so neither library needs to be installed."""
+    return (type(m).__name__ == "FrozenBatchNorm2d" and not isinstance(m, _BatchNorm)
+            and all(isinstance(getattr(m, k, None), torch.Tensor) for k in ("weight", "bias", "running_mean", "running_var")))
 
 
 # --------------------------------------------------------------------------------------

@@ -348,6 +348,43 @@ def test_convert_to_batchnorm_bad_input():
     assert report.skipped == [("unused", "not called by the example forward pass; input rank unknown")]
 
 
+class FrozenBatchNorm2d(nn.Module):
+    """torchvision.ops.misc.FrozenBatchNorm2d as torchvision writes it (weight, bias and the
+    running statistics are buffers); torchvision is not a dependency."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def forward(self, x):
+        scale = self.weight.reshape(1, -1, 1, 1) * (self.running_var.reshape(1, -1, 1, 1) + self.eps).rsqrt()
+        return x * scale + (self.bias.reshape(1, -1, 1, 1) - self.running_mean.reshape(1, -1, 1, 1) * scale)
+
+
+def test_convert_frozen_batchnorm_of_detection_backbones():
+    # detection backbones (torchvision, detectron2) use FrozenBatchNorm2d; the paper's
+    # detection models replace it by GN, trained: weight/bias start from the frozen values
+    fbn = FrozenBatchNorm2d(64, eps=1e-3)
+    fbn.weight.uniform_(0.5, 1.5)
+    fbn.bias.normal_()
+    model = nn.Sequential(nn.Conv2d(3, 64, 3), fbn, nn.ReLU(), nn.Conv2d(64, 48, 1), FrozenBatchNorm2d(48))
+    report = convert(model, num_groups=32)
+    gn1, gn2 = model[1], model[4]
+    assert type(gn1) is GroupNorm and (gn1.num_groups, gn1.eps) == (32, 1e-3) and gn2.num_groups == 24
+    assert gn1.weight.requires_grad and torch.equal(gn1.weight.detach(), fbn.weight)
+    assert torch.equal(gn1.bias.detach(), fbn.bias)
+    assert [r.source for r in report.replaced] == ["FrozenBatchNorm2d"] * 2
+    assert "frozen running stats dropped" in report.replaced[0].note
+    x = torch.randn(2, 3, 8, 8)
+    h = model[0](x)
+    torch.testing.assert_close(gn1(h), F.group_norm(h, 32, fbn.weight, fbn.bias, eps=1e-3), rtol=1e-5, atol=1e-5)
+    assert not convert(nn.Sequential(FrozenBatchNorm2d(8)), num_groups=4, affine=False).model[0].affine
+
+
 # ---------------------------------------------------------------- torch GN (+ act) -> fused
 
 @pytest.mark.parametrize("act_mod, act", [(nn.SiLU(), "silu"), (nn.GELU(), "gelu"), (nn.ReLU(inplace=True), "relu")])
