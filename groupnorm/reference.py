@@ -128,6 +128,23 @@ def forward(
     return _finish(_act(z, activation), x), mean, rstd, s
 
 
+def dz_xhat(dy: Tensor, xs: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
+            rstd: Tensor, activation: str = "none") -> tuple[Tensor, Tensor, Tensor]:
+    """``(dz, xhat, rstd broadcast)`` of the backward: dz = dy * act'(z) is the gradient at the
+    affine output z = xhat * w + b, xhat the normalized input (dW = sum dz * xhat, dB = sum dz)."""
+    C, nd = xs.shape[1], xs.dim()
+    acc = mean.dtype
+    r = _bcast_group(rstd, C, nd)
+    xhat = (xs.to(acc) - _bcast_group(mean, C, nd)) * r
+    dz = dy.to(acc)
+    if activation != "none":
+        z = xhat * _bcast_channel(weight, nd, acc) if weight is not None else xhat
+        if bias is not None:
+            z = z + _bcast_channel(bias, nd, acc)
+        dz = dz * _act_grad(z, activation)
+    return dz, xhat, r
+
+
 def backward(
     dy: Tensor,
     dsum: Optional[Tensor],
@@ -143,16 +160,8 @@ def backward(
     (x, or x + residual). Returns ``(dx, dweight, dbias)``; dweight/dbias are None when the
     parameter is None and have the parameter's dtype otherwise."""
     G, C, nd = num_groups, xs.shape[1], xs.dim()
-    acc = mean.dtype
-    r = _bcast_group(rstd, C, nd)
-    xhat = (xs.to(acc) - _bcast_group(mean, C, nd)) * r
-    dz = dy.to(acc)
-    w = _bcast_channel(weight, nd, acc) if weight is not None else None
-    if activation != "none":
-        z = xhat * w if w is not None else xhat
-        if bias is not None:
-            z = z + _bcast_channel(bias, nd, acc)
-        dz = dz * _act_grad(z, activation)
+    dz, xhat, r = dz_xhat(dy, xs, weight, bias, mean, rstd, activation)
+    w = _bcast_channel(weight, nd, xhat.dtype) if weight is not None else None
     # per-channel sums run over the batch dim and the spatial dims
     ch_dims = (0,) + tuple(range(2, nd))
     dw = (dz * xhat).sum(dim=ch_dims).to(weight.dtype) if weight is not None else None
@@ -162,7 +171,7 @@ def backward(
     c2 = _bcast_group(_group_mean(dxhat * xhat, G), C, nd)
     dx = (dxhat - c1 - xhat * c2) * r
     if dsum is not None:
-        dx = dx + dsum.to(acc)
+        dx = dx + dsum.to(xhat.dtype)
     return _finish(dx, xs), dw, db
 
 

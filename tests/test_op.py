@@ -479,7 +479,7 @@ def test_eager_twin_matches_custom_op_bitwise(route):
         assert torch.equal(a, e)
 
 
-@pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap's per-sample fallback
+@pytest.mark.filterwarnings("error:There is a performance drop")  # the vmap rules must be used
 @pytest.mark.parametrize("route", ROUTES)
 def test_torch_func_transforms(route):
     # torch.func.grad / jacrev / vmap work and agree with autograd (torch.library's generated
@@ -502,9 +502,25 @@ def test_torch_func_transforms(route):
     torch.testing.assert_close(jac, ref)
     xb = make_input((3, 2, 6, 4), torch.float64, generator=g)
     torch.testing.assert_close(torch.func.vmap(lambda t: f(t, w))(xb), torch.stack([f(t, w) for t in xb]))
-    # per-sample gradients: vmap over grad
-    ps = torch.func.vmap(torch.func.grad(lambda t: f(t, w).sum()))(xb)
-    torch.testing.assert_close(ps, torch.stack([torch.func.grad(lambda t: f(t, w).sum())(t) for t in xb]))
+    # per-sample gradients (differentially private training): vmap over grad, for the input
+    # and for the shared weight (a (B, C) result: each sample's own dW)
+    loss = lambda t, w: f(t, w).square().sum()  # noqa: E731
+    for argnums in (0, 1):
+        ps = torch.func.vmap(torch.func.grad(loss, argnums=argnums), in_dims=(0, None))(xb, w)
+        torch.testing.assert_close(ps, torch.stack([torch.func.grad(loss, argnums=argnums)(t, w) for t in xb]))
+    # batched weights (the per-sample loop of the vmap rule) and a batched residual with its sum
+    wb = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(torch.func.vmap(f)(xb, wb), torch.stack([f(t, u) for t, u in zip(xb, wb)]))
+    rb = torch.randn(xb.shape, generator=g, dtype=torch.float64)
+    fr = lambda t, r: group_norm(t, 3, w, residual=r, return_sum=True, route=route)  # noqa: E731
+    got = torch.func.vmap(fr)(xb, rb)
+    for k in range(2):
+        torch.testing.assert_close(got[k], torch.stack([fr(t, r)[k] for t, r in zip(xb, rb)]))
+    # (N, C) input: no spatial dims
+    x2 = torch.randn(3, 4, 6, generator=g, dtype=torch.float64)
+    f2 = lambda t, w: group_norm(t, 3, w, b, route=route).sum()  # noqa: E731
+    torch.testing.assert_close(torch.func.vmap(torch.func.grad(f2, argnums=1), in_dims=(0, None))(x2, w),
+                               torch.stack([torch.func.grad(f2, argnums=1)(t, w) for t in x2]))
     # forward mode: torch.func.jvp / jacfwd against F.group_norm + F.silu
     v = torch.randn(x.shape, generator=g, dtype=torch.float64)
     _, t = torch.func.jvp(lambda t: f(t, w), (x,), (v,))

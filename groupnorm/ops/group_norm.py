@@ -10,6 +10,7 @@ shape (0,) and turned back into ``None`` here.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -218,10 +219,68 @@ class _EagerBwd(torch.autograd.Function):
         return _bwd_backward(ctx, gdx, gdw, gdb)
 
 
+# ---- vmap rules ------------------------------------------------------------------------------
+# GroupNorm is per sample, so a vmapped call is one call on the batch folded into N:
+# (B, N, C, *) -> (B*N, C, *). The per-sample dW/dB of the backward (what vmap(grad(...))
+# computes: per-sample gradients) are sums over each sample's own N and positions, taken
+# from the reference's dz and xhat. Batched weight/bias: one call per sample.
+
+
+def _to_front(t, d, B):
+    """t with its vmap dim first (an unbatched t is expanded to B copies), then (B*N, ...)."""
+    if t is None:
+        return None
+    t = t.movedim(d, 0) if d is not None else t.expand(B, *t.shape)
+    return t.flatten(0, 1)
+
+
+def _vmap_loop(fn, info, in_dims, args, n_out):
+    """One call per sample (vmap's fallback, for batched parameters); outputs stacked on 0."""
+    outs = []
+    for i in range(info.batch_size):
+        outs.append(fn(*(a.select(d, i) if d is not None else a for a, d in zip(args, in_dims))))
+    return tuple(torch.stack([o[k] for o in outs]) for k in range(n_out)), (0,) * n_out
+
+
+def _fwd_vmap(info, in_dims, x, weight, bias, residual, num_groups, eps, activation, route):
+    bx, bw, bb, br = in_dims[:4]
+    args = (x, weight, bias, residual, num_groups, eps, activation, route)
+    if bw is not None or bb is not None or bx is None:
+        return _vmap_loop(_FuncFn.apply, info, in_dims, args, 4)
+    B = info.batch_size
+    y, mean, rstd, s = _FuncFn.apply(_to_front(x, bx, B), weight, bias,
+                                     _to_front(residual, br, B) if residual is not None else None,
+                                     num_groups, eps, activation, route)
+    unfold = lambda t: t.unflatten(0, (B, -1))  # noqa: E731
+    if residual is None:  # the sum is an empty placeholder, not batched
+        return (unfold(y), unfold(mean), unfold(rstd), s), (0, 0, 0, None)
+    return (unfold(y), unfold(mean), unfold(rstd), unfold(s)), (0, 0, 0, 0)
+
+
+def _bwd_vmap(info, in_dims, dy, dsum, xs, weight, bias, mean, rstd, num_groups, eps, activation, route):
+    bdy, bds, bxs, bw, bb, bm, br = in_dims[:7]
+    args = (dy, dsum, xs, weight, bias, mean, rstd, num_groups, eps, activation, route)
+    if bw is not None or bb is not None:
+        return _vmap_loop(_FuncBwd.apply, info, in_dims, args, 3)
+    B = info.batch_size
+    dyf, xsf, mf, rf = (_to_front(t, d, B) for t, d in ((dy, bdy), (xs, bxs), (mean, bm), (rstd, br)))
+    dsf = _to_front(dsum, bds, B) if dsum is not None else None
+    dx, dw, db = _FuncBwd.apply(dyf, dsf, xsf, weight, bias, mf, rf, num_groups, eps, activation, route)
+    dx = dx.unflatten(0, (B, -1))
+    if weight is None and bias is None:
+        return (dx, dw, db), (0, None, None)
+    # per-sample parameter gradients: sums over each sample's N and positions
+    dz, xhat, _ = reference.dz_xhat(dyf, xsf, weight, bias, mf, rf, activation)
+    N, C, S = xsf.shape[0] // B, xsf.shape[1], math.prod(xsf.shape[2:])
+    per_sample = lambda t: t.reshape(B, N, C, S).sum(dim=(1, 3))  # noqa: E731
+    dw = per_sample(dz * xhat).to(weight.dtype) if weight is not None else dw
+    db = per_sample(dz).to(bias.dtype) if bias is not None else db
+    return (dx, dw, db), (0, 0 if weight is not None else None, 0 if bias is not None else None)
+
+
 # The same two under torch.func transforms, which require the setup_context form. That form
 # costs an inspect.signature bind per call (~20 us), so plain eager calls use the ones above.
 class _FuncFn(torch.autograd.Function):
-    generate_vmap_rule = True  # vmap runs forward/backward per sample through the routes
 
     @staticmethod
     def forward(x, weight, bias, residual, num_groups, eps, activation, route):
@@ -234,10 +293,10 @@ class _FuncFn(torch.autograd.Function):
 
     backward = _EagerFn.backward
     jvp = staticmethod(_fwd_jvp)
+    vmap = staticmethod(_fwd_vmap)
 
 
 class _FuncBwd(torch.autograd.Function):
-    generate_vmap_rule = True
 
     @staticmethod
     def forward(dy, dsum, xs, weight, bias, mean, rstd, num_groups, eps, activation, route):
@@ -248,6 +307,7 @@ class _FuncBwd(torch.autograd.Function):
         _bwd_setup(ctx, inputs, output)
 
     backward = _EagerBwd.backward
+    vmap = staticmethod(_bwd_vmap)
 
 
 def _functorch() -> bool:
