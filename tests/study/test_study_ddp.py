@@ -52,6 +52,27 @@ for norm in ("bn", "syncbn"):
     r = train_run(rc, data, max_steps=3, keep_model=True)
     res[norm] = {k: v.tolist() for k, v in r.pop("model").state_dict().items()}
     res[norm + "_curve"] = r["curve"]
+
+# 3. resume under DDP: a 2-epoch run leaves its epoch-1 checkpoint (written by rank 0); a
+#    second call resumes from it (rank 0 reads, broadcasts) and must end where the first did
+cfg = make_config(data=sys.argv[1], model="plain", widths=[4, 8], norms=["bn"], batch_sizes=[4], seeds=[0],
+                  total_batch=8, epochs=2, median_last=1, progress=False)
+rc = run_configs(cfg)[0]
+ckpt = os.path.join(os.path.dirname(out), "ckpt.pt")
+full = train_run(rc, data, keep_model=True, checkpoint=ckpt)
+td.barrier()
+shuffles, real_randperm = [], torch.randperm
+torch.randperm = lambda *a, **k: shuffles.append(1) or real_randperm(*a, **k)  # one per epoch trained
+resumed = train_run(rc, data, keep_model=True, checkpoint=ckpt)
+torch.randperm = real_randperm
+counts = [None, None]
+td.all_gather_object(counts, len(shuffles))
+res["resume_epochs_trained"] = counts  # both processes resumed: 1 epoch left each
+strip = lambda c: [{k: v for k, v in e.items() if k != "time_s"} for e in c]
+res["resume_same_curve"] = strip(full["curve"]) == strip(resumed["curve"])
+res["resume_same_model"] = all(torch.equal(a, b) for a, b in zip(full["model"].state_dict().values(),
+                                                                 resumed["model"].state_dict().values()))
+res["resume_ckpt_epoch"] = torch.load(ckpt, weights_only=False)["epoch"] if rank == 0 else None
 if rank == 0:
     with open(out, "w") as f:
         json.dump(res, f)
@@ -120,6 +141,9 @@ def test_two_gloo_processes_match_ghost_batches(tmp_path):
     # the two set-ups really differ (the comparison above can fail)
     bn_rv = [k for k in res["bn"] if k.endswith("running_var")][0]
     assert not np.allclose(res["bn"][bn_rv], res["syncbn"][bn_rv])
+    # 3. a run resumed from its checkpoint under DDP ends bitwise where the full run ended
+    assert res["resume_ckpt_epoch"] == 1 and res["resume_epochs_trained"] == [1, 1]
+    assert res["resume_same_curve"] and res["resume_same_model"]
 
 
 def test_torchrun_cli_sweep(tmp_path):
