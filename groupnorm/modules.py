@@ -89,6 +89,11 @@ class GroupNorm(nn.Module):
                 nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, return_sum: bool = False):
+        if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[1] != self.num_channels:
+            raise ValueError(
+                f"{self.__class__.__name__}({self.num_groups}, {self.num_channels}) expects {self.num_channels} "
+                f"channels (dim 1), got input of shape {tuple(x.shape)}; for channels-last data use "
+                "x.contiguous(memory_format=torch.channels_last) on an (N, C, H, W) tensor, not an (N, H, W, C) one")
         return group_norm(
             x, self.num_groups, self.weight, self.bias, self.eps,
             activation=self.activation, residual=residual, return_sum=return_sum,
