@@ -80,6 +80,8 @@ def validate(
     """Check every argument of ``group_norm``; return ``(G, activation)`` in the op's spelling."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"group_norm: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.layout != torch.strided:
+        raise TypeError(f"group_norm: x must be a dense (strided) tensor, got layout {x.layout}; use x.to_dense()")
     if x.dim() < 2:
         raise ValueError(
             f"group_norm: expected x of shape (N, C, *) with at least 2 dims, got shape {tuple(x.shape)}; "

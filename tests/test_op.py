@@ -434,6 +434,8 @@ X = torch.randn(2, 6, 4, 4)
         (lambda: group_norm(X, 2, return_sum=True), ValueError, r"return_sum=True needs a residual"),
         (lambda: GroupNorm(4, 6), ValueError, r"num_channels=6 is not divisible by num_groups=4"),
         (lambda: GroupNorm(2, 6, activation="swishy"), ValueError, r"unknown activation"),
+        # sparse input: a clear message instead of an error from deep inside a kernel
+        (lambda: group_norm(torch.randn(2, 6, 3).to_sparse(), 2), TypeError, r"dense \(strided\) tensor, got layout torch.sparse_coo; use x.to_dense\(\)"),
         (lambda: GroupNorm(2, 6)(torch.randn(2, 4, 3)), ValueError, r"GroupNorm\(2, 6\) expects 6 channels \(dim 1\), got input of shape \(2, 4, 3\)"),
     ],
 )
