@@ -249,10 +249,12 @@ def _fwd_vmap(info, in_dims, x, weight, bias, residual, num_groups, eps, activat
     if bw is not None or bb is not None or bx is None:
         return _vmap_loop(_FuncFn.apply, info, in_dims, args, 4)
     B = info.batch_size
-    y, mean, rstd, s = _FuncFn.apply(_to_front(x, bx, B), weight, bias,
+    xf = _to_front(x, bx, B)
+    y, mean, rstd, s = _FuncFn.apply(xf, weight, bias,
                                      _to_front(residual, br, B) if residual is not None else None,
                                      num_groups, eps, activation, route)
-    unfold = lambda t: t.unflatten(0, (B, -1))  # noqa: E731
+    N = xf.shape[0] // B  # explicit (not -1): N may be 0
+    unfold = lambda t: t.unflatten(0, (B, N))  # noqa: E731
     if residual is None:  # the sum is an empty placeholder, not batched
         return (unfold(y), unfold(mean), unfold(rstd), s), (0, 0, 0, None)
     return (unfold(y), unfold(mean), unfold(rstd), unfold(s)), (0, 0, 0, 0)
@@ -267,12 +269,12 @@ def _bwd_vmap(info, in_dims, dy, dsum, xs, weight, bias, mean, rstd, num_groups,
     dyf, xsf, mf, rf = (_to_front(t, d, B) for t, d in ((dy, bdy), (xs, bxs), (mean, bm), (rstd, br)))
     dsf = _to_front(dsum, bds, B) if dsum is not None else None
     dx, dw, db = _FuncBwd.apply(dyf, dsf, xsf, weight, bias, mf, rf, num_groups, eps, activation, route)
-    dx = dx.unflatten(0, (B, -1))
+    N, C, S = xsf.shape[0] // B, xsf.shape[1], math.prod(xsf.shape[2:])
+    dx = dx.unflatten(0, (B, N))
     if weight is None and bias is None:
         return (dx, dw, db), (0, None, None)
     # per-sample parameter gradients: sums over each sample's N and positions
     dz, xhat, _ = reference.dz_xhat(dyf, xsf, weight, bias, mf, rf, activation)
-    N, C, S = xsf.shape[0] // B, xsf.shape[1], math.prod(xsf.shape[2:])
     per_sample = lambda t: t.reshape(B, N, C, S).sum(dim=(1, 3))  # noqa: E731
     dw = per_sample(dz * xhat).to(weight.dtype) if weight is not None else dw
     db = per_sample(dz).to(bias.dtype) if bias is not None else db
