@@ -20,7 +20,7 @@ import statistics
 from collections import defaultdict
 
 from .config import StudyConfig, batch_independent, run_label
-from .sweep import write_atomic
+from .atomic import write_atomic
 
 # Wu & He (ECCV 2018), ResNet-50 on ImageNet, val error (%) at 32/16/8/4/2 images per GPU.
 PAPER = {"bn": {32: 23.6, 16: 23.7, 8: 24.8, 4: 27.3, 2: 34.7}, "gn": {32: 24.1, 16: 24.2, 8: 24.0, 4: 24.2, 2: 24.1}}

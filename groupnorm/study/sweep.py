@@ -21,13 +21,13 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from typing import Optional
 
 import torch
 
 from . import dist
+from .atomic import write_atomic
 from .config import StudyConfig, config_json, run_configs, run_label
 from .data import load_dataset
 from .train import train_run
@@ -46,28 +46,6 @@ def package_version() -> str:
             return getattr(groupnorm, "__version__", "unknown")
         except Exception:
             return "unknown"
-
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def write_atomic(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temporary file in the same dir + os.replace)."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_json(path: str, obj) -> None:

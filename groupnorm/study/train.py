@@ -13,10 +13,10 @@ contiguous share of the same step, so the split into devices is identical.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import statistics
-import tempfile
 import time
 import warnings
 from typing import Optional
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import dist
+from .atomic import write_atomic
 from .data import Dataset
 from .models import build_model
 from .norms import GhostBatchNorm
@@ -101,21 +102,11 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 10
 
 
 def save_checkpoint(path: str, state: dict) -> None:
-    """Write ``state`` with torch.save to a temporary file, then os.replace it into place:
-    a kill at any moment leaves the previous checkpoint or the new one, never a torn file."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=".pt")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """``torch.save`` ``state`` to ``path`` atomically (a kill leaves the previous checkpoint
+    or the new one, never a torn file)."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    write_atomic(path, buf.getvalue())
 
 
 def load_checkpoint(path: Optional[str], key: str) -> Optional[dict]:
@@ -182,7 +173,8 @@ def train_run(rc: dict, data: Dataset, *, progress: bool = False, desc: str = ""
     share = slice(rank * T // world, (rank + 1) * T // world)  # this process's devices
 
     curve, t0, step, diverged, first_epoch = [], time.time(), 0, False, 0
-    state = load_checkpoint(checkpoint, rc["key"]) if checkpoint and "key" in rc and rank == 0 else None
+    checkpoint = checkpoint if "key" in rc else None  # a checkpoint belongs to a keyed run
+    state = load_checkpoint(checkpoint, rc["key"]) if checkpoint and rank == 0 else None
     if world > 1:  # rank 0 decides (other machines may not see its file) and sends the state
         state = dist.broadcast_object(state)
     if state is not None:  # resume after the last finished epoch
@@ -237,7 +229,7 @@ def train_run(rc: dict, data: Dataset, *, progress: bool = False, desc: str = ""
                 break
         if diverged or (max_steps is not None and step >= max_steps):
             break
-        if checkpoint and "key" in rc and rank == 0 and epoch + 1 < rc["epochs"]:
+        if checkpoint and rank == 0 and epoch + 1 < rc["epochs"]:
             # every process holds the same model and generator state here (DDP keeps
             # parameters in sync; BN running statistics were averaged at the last evaluation)
             save_checkpoint(checkpoint, dict(key=rc["key"], epoch=epoch + 1, step=step, curve=curve,
