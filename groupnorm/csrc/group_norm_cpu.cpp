@@ -2,11 +2,9 @@
 // as torch.ops.groupnorm_cpu.*). torch/library.h instead of torch/extension.h (pybind11)
 // keeps the one-time build short.
 //
-// Two forms of each op:
-//   forward / backward   write into outputs the caller allocated (benchmarks preallocate);
-//   fwd / bwd            make the inputs dense in the output layout, cast the parameters to the
-//                        accumulation dtype and allocate the outputs here. The same steps in
-//                        Python cost ~20 us per call, several times the kernel on small tensors.
+// fwd / bwd make the inputs dense in the output layout, cast the parameters to the
+// accumulation dtype and allocate the outputs here (the same steps in Python cost ~20 us per
+// call, several times the kernel on small tensors); fwd_out writes into a given y.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
@@ -32,13 +30,14 @@ c10::optional<at::Tensor> acc_param(const c10::optional<at::Tensor>& p, at::Scal
   return p->to(acc).contiguous();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_fwd(
+// The forward into y (x's output layout, as memory_format_of says): mean, rstd and the sum
+// (an empty tensor without residual: an op's outputs must not alias) are allocated here.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_fwd_into(
     const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
-    const c10::optional<at::Tensor>& residual, int64_t G, double eps, int64_t act) {
+    const c10::optional<at::Tensor>& residual, int64_t G, double eps, int64_t act, const at::Tensor& y) {
   const auto fmt = format_of(x);
   const auto acc = acc_of(x);
   at::Tensor xc = x.contiguous(fmt);
-  at::Tensor y = at::empty_like(xc, xc.options(), fmt);
   at::Tensor mean = at::empty({x.size(0), G}, x.options().dtype(acc));
   at::Tensor rstd = at::empty({x.size(0), G}, x.options().dtype(acc));
   c10::optional<at::Tensor> r, s;
@@ -48,8 +47,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_fwd(
   }
   gn_forward(xc, acc_param(weight, acc), acc_param(bias, acc), r, G, eps, act,
              fmt != at::MemoryFormat::Contiguous, y, mean, rstd, s);
-  // no residual: an empty tensor in the sum's place (an op's outputs must not alias)
-  return {y, mean, rstd, s.has_value() ? *s : at::empty({0}, x.options())};
+  return {mean, rstd, s.has_value() ? *s : at::empty({0}, x.options())};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_fwd(
+    const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& residual, int64_t G, double eps, int64_t act) {
+  at::Tensor y = at::empty_like(x, x.options(), format_of(x));
+  auto [mean, rstd, s] = gn_fwd_into(x, weight, bias, residual, G, eps, act, y);
+  return {y, mean, rstd, s};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_bwd(
@@ -78,17 +84,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_bwd(
 }  // namespace
 
 TORCH_LIBRARY(groupnorm_cpu, m) {
-  m.def("forward(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, int G, float eps, "
-        "int act, bool channels_last, Tensor(a!) y, Tensor(b!) mean, Tensor(c!) rstd, "
-        "Tensor(d!)? sum_out) -> ()",
-        &gn_forward);
-  m.def("backward(Tensor dy, Tensor? dsum, Tensor xs, Tensor? weight, Tensor? bias, Tensor mean, "
-        "Tensor rstd, int G, int act, bool channels_last, Tensor(a!) dx, Tensor(b!)? dw, "
-        "Tensor(c!)? db) -> ()",
-        &gn_backward);
   m.def("fwd(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, int G, float eps, int act) "
         "-> (Tensor, Tensor, Tensor, Tensor)",
         &gn_fwd);
+  // benchmarks: the forward into a preallocated y (a fresh large y is page-faulted, and the
+  // allocator, not the kernel, would be timed)
+  m.def("fwd_out(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, int G, float eps, int act, "
+        "Tensor(a!) y) -> (Tensor, Tensor, Tensor)",
+        &gn_fwd_into);
   m.def("bwd(Tensor dy, Tensor? dsum, Tensor xs, Tensor? weight, Tensor? bias, Tensor mean, "
         "Tensor rstd, int G, int act) -> (Tensor, Tensor, Tensor)",
         &gn_bwd);

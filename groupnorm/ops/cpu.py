@@ -90,7 +90,7 @@ def load_extension():
             if not (build_dir / f"{name}.so").exists():
                 print(f"groupnorm: compiling the CPU kernels once (about a minute); cached in {build_dir}",
                       file=sys.stderr, flush=True)
-            cpp_extension.load(  # registers torch.ops.groupnorm_cpu.{forward,backward}
+            cpp_extension.load(  # registers torch.ops.groupnorm_cpu.{fwd,fwd_out,bwd}
                 name=name,
                 sources=[str(_CSRC / f) for f in _SOURCES],
                 extra_cflags=flags,
@@ -129,37 +129,20 @@ def supports(x: Tensor, weight, residual, activation: str) -> Optional[str]:
     return None
 
 
-def _acc_param(p: Optional[Tensor], acc: torch.dtype) -> Optional[Tensor]:
-    return None if p is None else p.to(acc).contiguous()
-
-
-def _layout(t: Tensor) -> tuple[torch.memory_format, bool]:
-    fmt = reference.memory_format_of(t)
-    return fmt, fmt is not torch.contiguous_format
-
-
 def forward(x, weight, bias, residual, num_groups, eps, activation="none", *, out=None):
     """Route forward. ``out`` (benchmarks only): a preallocated ``y`` of x's layout."""
     if x.numel() == 0:  # N = 0 or an empty spatial dim: nothing to compute
         return reference.forward(x, weight, bias, residual, num_groups, eps, activation)
+    # the C++ op makes x dense in its output layout (a copy only for exotic strided views,
+    # which then give a contiguous output, as memory_format_of says), casts the parameters to
+    # the accumulation dtype and allocates the outputs (y too, unless ``out`` is given)
     ext = load_extension()
+    args = (x, weight, bias, residual, num_groups, float(eps), _ACT[activation])
     if out is None:
-        # the C++ op makes x dense in its output layout (a copy only for exotic strided
-        # views, which then give a contiguous output, as memory_format_of says), casts the
-        # parameters to the accumulation dtype and allocates the outputs
-        y, mean, rstd, s = ext.fwd(x, weight, bias, residual, num_groups, float(eps), _ACT[activation])
-        return y, mean, rstd, (s if residual is not None else None)
-    fmt, cl = _layout(x)
-    xc = x.contiguous(memory_format=fmt)
-    r = residual.contiguous(memory_format=fmt) if residual is not None else None
-    acc = reference.acc_dtype(x.dtype)
-    N = x.shape[0]
-    mean = torch.empty((N, num_groups), dtype=acc)
-    rstd = torch.empty((N, num_groups), dtype=acc)
-    s = torch.empty_like(xc, memory_format=fmt) if r is not None else None
-    ext.forward(xc, _acc_param(weight, acc), _acc_param(bias, acc), r, num_groups, float(eps),
-                _ACT[activation], cl, out, mean, rstd, s)
-    return out, mean, rstd, s
+        y, mean, rstd, s = ext.fwd(*args)
+    else:
+        y, (mean, rstd, s) = out, ext.fwd_out(*args, out)
+    return y, mean, rstd, (s if residual is not None else None)
 
 
 def backward(dy, dsum, xs, weight, bias, mean, rstd, num_groups, activation="none"):
