@@ -276,6 +276,12 @@ def convert(
         num_groups = 32
     choose_groups(max(num_groups or 1, group_size or 1), num_groups, group_size, fallback)  # check args
 
+    def groups_for(path: str, m: nn.Module, C: int) -> int:
+        try:
+            return choose_groups(C, num_groups, group_size, fallback)
+        except ValueError as e:
+            raise ValueError(f"groupnorm.convert: cannot convert {path or '<root>'} ({type(m).__name__}({C})): {e}") from e
+
     def make(path: str, m: nn.Module):
         if _is_frozen_bn(m):
             return _from_frozen(path, m)
@@ -284,10 +290,7 @@ def convert(
         C = m.num_features
         if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():
             return f"{type(m).__name__} is uninitialised (run one forward pass first)"
-        try:
-            G = choose_groups(C, num_groups, group_size, fallback)
-        except ValueError as e:
-            raise ValueError(f"groupnorm.convert: cannot convert {path or '<root>'} ({type(m).__name__}({C})): {e}") from e
+        G = groups_for(path, m, C)
         want_affine = m.affine if affine is None else affine
         new = GroupNorm(G, C, eps=m.eps if eps is None else eps, affine=want_affine, **_factory(m))
         notes = []
@@ -310,10 +313,7 @@ def convert(
         # weight, bias and running stats as buffers. GN (trainable, as in the paper's
         # detection experiments) starts from the frozen weight/bias values.
         C = m.weight.numel()
-        try:
-            G = choose_groups(C, num_groups, group_size, fallback)
-        except ValueError as e:
-            raise ValueError(f"groupnorm.convert: cannot convert {path or '<root>'} ({type(m).__name__}({C})): {e}") from e
+        G = groups_for(path, m, C)
         want_affine = True if affine is None else affine
         new = GroupNorm(G, C, eps=getattr(m, "eps", 1e-5) if eps is None else eps, affine=want_affine,
                         device=m.weight.device, dtype=m.weight.dtype)

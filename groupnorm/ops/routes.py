@@ -47,9 +47,7 @@ _loaded = False
 def register_route(name: str, forward: Callable, backward: Callable,
                    supports: Callable[..., Optional[str]], priority: int = 0) -> None:
     """Add (or replace) a route. Higher priority is tried first by ``"auto"``."""
-    global _order
     ROUTES[name] = Route(name, forward, backward, supports, priority)
-    _order = None
 
 
 def _load_optional() -> None:
@@ -80,18 +78,9 @@ def _get(name: str) -> Route:
     return r
 
 
-# ROUTES by priority, recomputed when register_route changes it (or ROUTES is replaced or
-# grows/shrinks by direct edits): select runs on every call
-_order: Optional[tuple] = None
-_order_of: Optional[dict] = None
-
-
-def _by_priority() -> tuple:
-    global _order, _order_of
+def _by_priority() -> list[Route]:
     _load_optional()
-    if _order is None or _order_of is not ROUTES or len(_order) != len(ROUTES):
-        _order, _order_of = tuple(sorted(ROUTES.values(), key=lambda r: -r.priority)), ROUTES
-    return _order
+    return sorted(ROUTES.values(), key=lambda r: -r.priority)
 
 
 def available_routes() -> list[str]:
