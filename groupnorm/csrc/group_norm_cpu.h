@@ -102,6 +102,45 @@ template <> struct IO<Half> {
   }
 };
 
+#if defined(CPU_CAPABILITY_AVX512)
+// 32 bf16 values at a time without shuffles. A bf16 is the high half of its fp32, so one
+// 64-byte load of 32 bf16 gives the even-indexed values as `v << 16` and the odd-indexed ones
+// as `v & 0xFFFF0000`: two fp32 vectors in 1 load + 2 ALU ops (load_fp32_from_bf16 costs a
+// zero-extending shuffle + shift per 16 values, and the shuffles all go to one port). The
+// lanes are in another order than memory, which sums and per-channel-constant affines do not
+// care about. The store reverses it: each vector is rounded to nearest even in its high 16
+// bits, then `even >> 16 | odd & 0xFFFF0000` is one 64-byte store (ATen's cvtfp32_bf16 adds a
+// pack and a cross-lane permute). NaN stores 0xFFFF, bitwise as ATen's vectorized conversion.
+struct BF16x32 {
+  static constexpr int64_t size() { return 32; }
+  static inline void load(const BFloat16* p, __m512& even, __m512& odd) {
+    const __m512i v = _mm512_loadu_si512(reinterpret_cast<const void*>(p));
+    even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+    odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(int(0xFFFF0000u))));
+  }
+  // the bf16 of a (round to nearest even; NaN -> 0xFFFF) in the high 16 bits of each lane.
+  // kNanSafe = false skips the NaN test: exact for every value but a NaN whose payload
+  // carries into the sign (x86's default NaN 0xFFC00000, the only NaN arithmetic on non-NaN
+  // operands creates, rounds to a NaN as well), so a caller whose inputs are known NaN-free
+  // may use it.
+  template <bool kNanSafe = true>
+  static inline __m512i round_hi(__m512 a) {
+    const __m512i u = _mm512_castps_si512(a);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb);
+    if constexpr (!kNanSafe) return r;
+    return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q), _mm512_set1_epi32(-1));
+  }
+  template <bool kNanSafe = true>
+  static inline void store(BFloat16* p, __m512 even, __m512 odd) {
+    const __m512i e = _mm512_srli_epi32(round_hi<kNanSafe>(even), 16);
+    // ternary-logic table 0xEA = (A & B) | C: (odd & 0xFFFF0000) | e
+    const __m512i v = _mm512_ternarylogic_epi32(round_hi<kNanSafe>(odd), _mm512_set1_epi32(int(0xFFFF0000u)), e, 0xEA);
+    _mm512_storeu_si512(reinterpret_cast<void*>(p), v);
+  }
+};
+#endif
+
 // Partial (tail) versions: n < kV elements; lanes >= n read as 0 and are not written.
 template <typename T>
 inline typename IO<T>::V load_n(const T* p, int64_t n) {

@@ -34,6 +34,19 @@ AccT<T> block_mean(const T* p, int64_t len) {
   const V vk(k);
   V a0(0), a1(0), a2(0), a3(0);
   int64_t i = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, BFloat16>) {
+    for (; i + 64 <= len; i += 64) {
+      __m512 e0, o0, e1, o1;
+      BF16x32::load(p + i, e0, o0);
+      BF16x32::load(p + i + 32, e1, o1);
+      a0 += V(e0) - vk;
+      a1 += V(o0) - vk;
+      a2 += V(e1) - vk;
+      a3 += V(o1) - vk;
+    }
+  }
+#endif
   for (; i + 4 * kV <= len; i += 4 * kV) {
     a0 += IO<T>::load(p + i) - vk;
     a1 += IO<T>::load(p + i + kV) - vk;
@@ -52,6 +65,20 @@ AccT<T> block_sqdev(const T* p, int64_t len, AccT<T> m) {
   const V vm(m);
   V a0(0), a1(0), a2(0), a3(0);
   int64_t i = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, BFloat16>) {
+    for (; i + 64 <= len; i += 64) {
+      __m512 e0, o0, e1, o1;
+      BF16x32::load(p + i, e0, o0);
+      BF16x32::load(p + i + 32, e1, o1);
+      V d0 = V(e0) - vm, d1 = V(o0) - vm, d2 = V(e1) - vm, d3 = V(o1) - vm;
+      a0 = at::vec::fmadd(d0, d0, a0);
+      a1 = at::vec::fmadd(d1, d1, a1);
+      a2 = at::vec::fmadd(d2, d2, a2);
+      a3 = at::vec::fmadd(d3, d3, a3);
+    }
+  }
+#endif
   for (; i + 4 * kV <= len; i += 4 * kV) {
     V d0 = IO<T>::load(p + i) - vm, d1 = IO<T>::load(p + i + kV) - vm;
     V d2 = IO<T>::load(p + i + 2 * kV) - vm, d3 = IO<T>::load(p + i + 3 * kV) - vm;
@@ -71,6 +98,67 @@ AccT<T> block_sqdev(const T* p, int64_t len, AccT<T> m) {
   return hsum((a0 + a1) + (a2 + a3));
 }
 
+// Block statistics in one pass over memory: with d = x - k, mean = k + sum(d) / len and
+// M2 = sum(d^2) - sum(d)^2 / len. The subtraction cancels log2(sum(d^2) / M2) bits, so the
+// shift k must be near the block mean: the caller passes the mean of the group's previous
+// blocks (for the first block, the mean of its first values). When k was not near
+// (sum(d^2) > 4 M2, i.e. |mean - k| > 1.7 std: a trend or an outlier at the block's start,
+// a constant block, NaN), the block is redone by the exact two passes above while it is still
+// in L1/L2. So at most 2 bits are lost, and E[x^2] - E[x]^2 of unshifted data is never formed.
+template <typename T>
+void block_stats(const T* p, int64_t len, AccT<T> k, AccT<T>& mean, AccT<T>& m2) {
+  using S = AccT<T>;
+  using V = typename IO<T>::V;
+  constexpr int64_t kV = V::size();
+  const V vk(k);
+  V s0(0), s1(0), s2(0), s3(0), q0(0), q1(0), q2(0), q3(0);
+  auto acc = [](const V& d, V& sa, V& qa) {
+    sa += d;
+    qa = at::vec::fmadd(d, d, qa);
+  };
+  int64_t i = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, BFloat16>) {
+    for (; i + 64 <= len; i += 64) {
+      __m512 e0, o0, e1, o1;
+      BF16x32::load(p + i, e0, o0);
+      BF16x32::load(p + i + 32, e1, o1);
+      acc(V(e0) - vk, s0, q0);
+      acc(V(o0) - vk, s1, q1);
+      acc(V(e1) - vk, s2, q2);
+      acc(V(o1) - vk, s3, q3);
+    }
+  }
+#endif
+  for (; i + 4 * kV <= len; i += 4 * kV) {
+    acc(IO<T>::load(p + i) - vk, s0, q0);
+    acc(IO<T>::load(p + i + kV) - vk, s1, q1);
+    acc(IO<T>::load(p + i + 2 * kV) - vk, s2, q2);
+    acc(IO<T>::load(p + i + 3 * kV) - vk, s3, q3);
+  }
+  for (; i + kV <= len; i += kV) acc(IO<T>::load(p + i) - vk, s0, q0);
+  if (i < len) acc(keep_n(load_n(p + i, len - i) - vk, len - i), s1, q1);
+  const S sd = hsum((s0 + s1) + (s2 + s3)), sq = hsum((q0 + q1) + (q2 + q3));
+  const S dm = sd / S(len);
+  const S m2v = sq - sd * dm;
+  if (m2v * S(4) >= sq && sq > S(0)) {
+    mean = k + dm;
+    m2 = m2v;
+  } else {
+    mean = block_mean(p, len);
+    m2 = block_sqdev(p, len, mean);
+  }
+}
+
+// mean of the first min(len, 16) values: the shift of a group's first block_stats
+template <typename T>
+AccT<T> head_mean(const T* p, int64_t len) {
+  const int64_t n = std::min<int64_t>(len, 16);
+  AccT<T> s = 0;
+  for (int64_t i = 0; i < n; i++) s += static_cast<AccT<T>>(p[i]);
+  return s / AccT<T>(n);
+}
+
 // y = act((x - mean) * scale + shift) for a contiguous row sharing one (mean, scale, shift)
 template <typename T, int ACT>
 void apply_row(const T* src, T* dst, int64_t len, AccT<T> mean, AccT<T> scale, AccT<T> shift) {
@@ -78,6 +166,22 @@ void apply_row(const T* src, T* dst, int64_t len, AccT<T> mean, AccT<T> scale, A
   constexpr int64_t kV = V::size();
   const V vm(mean), vs(scale), vb(shift);
   int64_t i = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, BFloat16>) {
+    auto loop = [&](auto nan_safe) {
+      for (; i + 32 <= len; i += 32) {
+        __m512 e, o;
+        BF16x32::load(src + i, e, o);
+        const V ze = at::vec::fmadd(V(e) - vm, vs, vb), zo = at::vec::fmadd(V(o) - vm, vs, vb);
+        BF16x32::store<decltype(nan_safe)::value>(dst + i, act_fwd<ACT>(ze), act_fwd<ACT>(zo));
+      }
+    };
+    // a finite group mean means no NaN/Inf in the row (src is part of the group), and finite
+    // scale/shift no NaN weight/bias: then no NaN with a payload can reach the rounding
+    if (std::isfinite(mean) && std::isfinite(scale) && std::isfinite(shift)) loop(std::false_type{});
+    else loop(std::true_type{});
+  }
+#endif
   for (; i + 2 * kV <= len; i += 2 * kV) {
     V z0 = at::vec::fmadd(IO<T>::load(src + i) - vm, vs, vb);
     V z1 = at::vec::fmadd(IO<T>::load(src + i + kV) - vm, vs, vb);
@@ -114,8 +218,8 @@ void fwd_nchw(const T* x, const T* r, T* s, T* y, const AccT<T>* w, const AccT<T
       for (int64_t off = 0; off < D; off += kB) {
         const int64_t len = std::min(kB, D - off);
         if (r) add_round(x + base + off, r + base + off, s + base + off, len);
-        const S bmean = block_mean(src + off, len);
-        const S bm2 = block_sqdev(src + off, len, bmean);
+        S bmean, bm2;
+        block_stats(src + off, len, off == 0 ? head_mean(src, len) : mean, bmean, bm2);
         chan_combine(cnt, mean, m2, double(len), bmean, bm2);
       }
       finish_stats(mean, m2, D, eps, mean_o + ng, rstd_o + ng);
