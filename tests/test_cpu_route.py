@@ -203,7 +203,7 @@ def test_statistics_accuracy(dtype, layout, pattern):
     # The saved mean / rstd themselves, against float64 statistics of the same values: a
     # one-pass sum of squares with a shift far from the mean would lose up to log2(8192 / 16)
     # = 9 bits here (rstd off by ~1e-5 relative, inside y's tolerance but not this one); the
-    # exact redo keeps the loss <= 2 bits.
+    # exact redo keeps the loss <= 1 bit.
     for shape, G in [((2, 6, 37, 3), 3), ((1, 4, 96, 96), 2)]:
         x = make_input(shape, dtype, layout, generator=torch.Generator().manual_seed(1))
         x = torch.empty_like(x).copy_(STAT_PATTERNS[pattern](x.double()))

@@ -102,9 +102,9 @@ AccT<T> block_sqdev(const T* p, int64_t len, AccT<T> m) {
 // M2 = sum(d^2) - sum(d)^2 / len. The subtraction cancels log2(sum(d^2) / M2) bits, so the
 // shift k must be near the block mean: the caller passes the mean of the group's previous
 // blocks (for the first block, the mean of its first values). When k was not near
-// (sum(d^2) > 4 M2, i.e. |mean - k| > 1.7 std: a trend or an outlier at the block's start,
-// a constant block, NaN), the block is redone by the exact two passes above while it is still
-// in L1/L2. So at most 2 bits are lost, and E[x^2] - E[x]^2 of unshifted data is never formed.
+// (sum(d^2) > 2 M2, i.e. |mean - k| > std: a trend or an outlier at the block's start, a
+// constant block, NaN), the block is redone by the exact two passes above while it is still
+// in L1/L2. So at most 1 bit is lost, and E[x^2] - E[x]^2 of unshifted data is never formed.
 template <typename T>
 void block_stats(const T* p, int64_t len, AccT<T> k, AccT<T>& mean, AccT<T>& m2) {
   using S = AccT<T>;
@@ -141,7 +141,7 @@ void block_stats(const T* p, int64_t len, AccT<T> k, AccT<T>& mean, AccT<T>& m2)
   const S sd = hsum((s0 + s1) + (s2 + s3)), sq = hsum((q0 + q1) + (q2 + q3));
   const S dm = sd / S(len);
   const S m2v = sq - sd * dm;
-  if (m2v * S(4) >= sq && sq > S(0)) {
+  if (m2v * S(2) >= sq && sq > S(0)) {
     mean = k + dm;
     m2 = m2v;
   } else {
@@ -270,63 +270,106 @@ void fwd_cl(const T* x, const T* r, T* s, T* y, const AccT<T>* w, const AccT<T>*
   const int64_t Qr = (Q + R - 1) / R * R;  // sub-block: a whole number of R-pixel rows
 
   struct Scratch {
-    std::vector<S> sumc, meanc, gmean, gm2;
+    std::vector<S> sumc, sqc, meanc, gmean, gm2, bmean, bm2;
     std::vector<double> gcnt;
   };
 
   // statistics of pixels [p0, p1) of sample n -> gmean / gm2 (Chan-merged sub-blocks)
   auto stats = [&, C, G, Cg, P, R, RC, Qr](Scratch& sc, int64_t n, int64_t p0, int64_t p1, S* out_mean, S* out_m2) {
-    sc.sumc.resize(RC); sc.meanc.resize(RC); sc.gmean.assign(G, S(0)); sc.gm2.assign(G, S(0));
+    sc.sumc.resize(RC); sc.sqc.resize(RC); sc.meanc.resize(RC);
+    sc.gmean.assign(G, S(0)); sc.gm2.assign(G, S(0)); sc.bmean.resize(G); sc.bm2.resize(G);
     sc.gcnt.assign(G, 0.0);
     S* __restrict sumc = sc.sumc.data();
+    S* __restrict sqc = sc.sqc.data();
     S* __restrict meanc = sc.meanc.data();
     for (int64_t q0 = p0; q0 < p1; q0 += Qr) {
       const int64_t nq = std::min(Qr, p1 - q0);
       const int64_t off = (n * P + q0) * C;
       if (r) add_round(x + off, r + off, s + off, nq * C);
       const T* src = (r ? s : x) + off;
-      // pass A: per-channel sums of x - k_g over the sub-block's pixels -> per-group block
-      // mean k_g + sum / count, with k_g = the group's first value in the sub-block (a shift
-      // of the size of the mean keeps the sums small: no digits lost to a large mean)
+      const int64_t full = nq / R, rem = nq % R;  // whole R-pixel rows, then a partial one
+      const S inv = S(1) / S(nq * Cg);
+      auto fold_groups = [&](const S* a, int64_t g) {  // a group's channels, in channel order
+        S acc = 0;
+        for (int64_t ci = 0; ci < Cg; ci++) acc += a[g * Cg + ci];
+        return acc;
+      };
+      // One pass (as block_stats): per-channel sums of d = x - k_g and d^2 over the
+      // sub-block's pixels, k_g = the group's mean so far (first sub-block: the mean of its
+      // first <= 8 pixels' values of the group), M2 = sum(d^2) - sum(d)^2 / count.
+      const int64_t hp = std::min<int64_t>(nq, 8);
       for (int64_t g = 0; g < G; g++) {
-        const S k = static_cast<S>(src[g * Cg]);
+        S k = sc.gmean[g];
+        if (sc.gcnt[g] == 0) {
+          k = 0;
+          for (int64_t pp = 0; pp < hp; pp++)
+            for (int64_t ci = 0; ci < Cg; ci++) k += static_cast<S>(src[pp * C + g * Cg + ci]);
+          k /= S(hp * Cg);
+        }
         for (int64_t ci = 0; ci < Cg; ci++) meanc[g * Cg + ci] = k;
       }
       repeat_rows(meanc, C, R);
-      const int64_t full = nq / R, rem = nq % R;  // whole R-pixel rows, then a partial one
       std::fill(sumc, sumc + RC, S(0));
-      auto fa = [&](const T* base) {
-        return [&, base](int64_t rr, int64_t i, int64_t k, V& a) {
-          a += keep_n(ld(base + rr * RC + i, k) - lda(meanc + i, k), k);
-        };
-      };
-      column_sums<4, V>(sumc, full, RC, fa(src));
-      if (rem) column_sums<4, V>(sumc, 1, rem * C, fa(src + full * RC));
-      const S inv = S(1) / S(nq * Cg);
-      fold_rows(sumc, C, R);
-      for (int64_t g = 0; g < G; g++) {
-        S acc = 0;
-        for (int64_t ci = 0; ci < Cg; ci++) acc += sumc[g * Cg + ci];
-        const S bm = meanc[g * Cg] + acc * inv;
-        for (int64_t ci = 0; ci < Cg; ci++) meanc[g * Cg + ci] = bm;
-      }
-      repeat_rows(meanc, C, R);
-      // pass B: per-channel centred sums of squares (the sub-block is still in cache)
-      std::fill(sumc, sumc + RC, S(0));
-      auto fb = [&](const T* base) {
-        return [&, base](int64_t rr, int64_t i, int64_t k, V& a) {
+      std::fill(sqc, sqc + RC, S(0));
+      auto f1 = [&](const T* base) {
+        return [&, base](int64_t rr, int64_t i, int64_t k, V& a, V& q) {
           V d = keep_n(ld(base + rr * RC + i, k) - lda(meanc + i, k), k);
-          a = at::vec::fmadd(d, d, a);
+          a += d;
+          q = at::vec::fmadd(d, d, q);
         };
       };
-      column_sums<4, V>(sumc, full, RC, fb(src));
-      if (rem) column_sums<4, V>(sumc, 1, rem * C, fb(src + full * RC));
+      column_sums2<4, V>(sumc, sqc, full, RC, f1(src));
+      if (rem) column_sums2<4, V>(sumc, sqc, 1, rem * C, f1(src + full * RC));
       fold_rows(sumc, C, R);
+      fold_rows(sqc, C, R);
+      bool ok = true;
       for (int64_t g = 0; g < G; g++) {
-        S acc = 0;
-        for (int64_t ci = 0; ci < Cg; ci++) acc += sumc[g * Cg + ci];
-        chan_combine(sc.gcnt[g], sc.gmean[g], sc.gm2[g], double(nq * Cg), meanc[g * Cg], acc);
+        const S sd = fold_groups(sumc, g), sq = fold_groups(sqc, g);
+        const S dm = sd * inv;
+        sc.bmean[g] = meanc[g * Cg] + dm;
+        sc.bm2[g] = sq - sd * dm;
+        ok = ok && sc.bm2[g] * S(2) >= sq && sq > S(0);
       }
+      if (!ok) {
+        // some k_g was far from its group's mean (a trend, outliers, a constant group, NaN):
+        // redo the sub-block exactly in two passes while it is in cache, k_g = the group's
+        // first value (pass A: block means; pass B: centred sums of squares)
+        for (int64_t g = 0; g < G; g++) {
+          const S k = static_cast<S>(src[g * Cg]);
+          for (int64_t ci = 0; ci < Cg; ci++) meanc[g * Cg + ci] = k;
+        }
+        repeat_rows(meanc, C, R);
+        std::fill(sumc, sumc + RC, S(0));
+        auto fa = [&](const T* base) {
+          return [&, base](int64_t rr, int64_t i, int64_t k, V& a) {
+            a += keep_n(ld(base + rr * RC + i, k) - lda(meanc + i, k), k);
+          };
+        };
+        column_sums<4, V>(sumc, full, RC, fa(src));
+        if (rem) column_sums<4, V>(sumc, 1, rem * C, fa(src + full * RC));
+        fold_rows(sumc, C, R);
+        for (int64_t g = 0; g < G; g++) {
+          const S bm = meanc[g * Cg] + fold_groups(sumc, g) * inv;
+          for (int64_t ci = 0; ci < Cg; ci++) meanc[g * Cg + ci] = bm;
+        }
+        repeat_rows(meanc, C, R);
+        std::fill(sumc, sumc + RC, S(0));
+        auto fb = [&](const T* base) {
+          return [&, base](int64_t rr, int64_t i, int64_t k, V& a) {
+            V d = keep_n(ld(base + rr * RC + i, k) - lda(meanc + i, k), k);
+            a = at::vec::fmadd(d, d, a);
+          };
+        };
+        column_sums<4, V>(sumc, full, RC, fb(src));
+        if (rem) column_sums<4, V>(sumc, 1, rem * C, fb(src + full * RC));
+        fold_rows(sumc, C, R);
+        for (int64_t g = 0; g < G; g++) {
+          sc.bmean[g] = meanc[g * Cg];
+          sc.bm2[g] = fold_groups(sumc, g);
+        }
+      }
+      for (int64_t g = 0; g < G; g++)
+        chan_combine(sc.gcnt[g], sc.gmean[g], sc.gm2[g], double(nq * Cg), sc.bmean[g], sc.bm2[g]);
     }
     for (int64_t g = 0; g < G; g++) {
       out_mean[g] = sc.gmean[g];
