@@ -141,6 +141,30 @@ struct BF16x32 {
 };
 #endif
 
+// Per-lane arrays (channels-last per-channel constants and sums) in BF16x32's lane order:
+// every whole 32-value chunk of [0, len) as its 16 even-indexed values then its 16 odd ones;
+// a tail shorter than 32 stays in memory order (the 16-lane code reads it).
+template <typename S>
+inline void to_even_odd(const S* a, S* out, int64_t len) {
+  int64_t c0 = 0;
+  for (; c0 + 32 <= len; c0 += 32)
+    for (int64_t j = 0; j < 16; j++) {
+      out[c0 + j] = a[c0 + 2 * j];
+      out[c0 + 16 + j] = a[c0 + 2 * j + 1];
+    }
+  for (; c0 < len; c0++) out[c0] = a[c0];
+}
+template <typename S>
+inline void from_even_odd(const S* in, S* a, int64_t len) {
+  int64_t c0 = 0;
+  for (; c0 + 32 <= len; c0 += 32)
+    for (int64_t j = 0; j < 16; j++) {
+      a[c0 + 2 * j] = in[c0 + j];
+      a[c0 + 2 * j + 1] = in[c0 + 16 + j];
+    }
+  for (; c0 < len; c0++) a[c0] = in[c0];
+}
+
 // Partial (tail) versions: n < kV elements; lanes >= n read as 0 and are not written.
 template <typename T>
 inline typename IO<T>::V load_n(const T* p, int64_t n) {

@@ -270,7 +270,7 @@ void fwd_cl(const T* x, const T* r, T* s, T* y, const AccT<T>* w, const AccT<T>*
   const int64_t Qr = (Q + R - 1) / R * R;  // sub-block: a whole number of R-pixel rows
 
   struct Scratch {
-    std::vector<S> sumc, sqc, meanc, gmean, gm2, bmean, bm2;
+    std::vector<S> sumc, sqc, meanc, gmean, gm2, bmean, bm2, perm;
     std::vector<double> gcnt;
   };
 
@@ -311,14 +311,60 @@ void fwd_cl(const T* x, const T* r, T* s, T* y, const AccT<T>* w, const AccT<T>*
       repeat_rows(meanc, C, R);
       std::fill(sumc, sumc + RC, S(0));
       std::fill(sqc, sqc + RC, S(0));
-      auto f1 = [&](const T* base) {
-        return [&, base](int64_t rr, int64_t i, int64_t k, V& a, V& q) {
-          V d = keep_n(ld(base + rr * RC + i, k) - lda(meanc + i, k), k);
+      auto f1 = [&](const T* base, int64_t i0 = 0) {  // lanes [i0, ...) of each row
+        return [&, base, i0](int64_t rr, int64_t i, int64_t k, V& a, V& q) {
+          V d = keep_n(ld(base + rr * RC + i0 + i, k) - lda(meanc + i0 + i, k), k);
           a += d;
           q = at::vec::fmadd(d, d, q);
         };
       };
-      column_sums2<4, V>(sumc, sqc, full, RC, f1(src));
+#if defined(CPU_CAPABILITY_AVX512)
+      if constexpr (std::is_same_v<T, BFloat16>) {
+        // whole rows in BF16x32's lane order (k and the sums permuted alike), 64 values per
+        // column step; the partial last row in memory order below
+        sc.perm.resize(3 * RC);
+        S* __restrict kp = sc.perm.data();
+        S* __restrict sp = kp + RC;
+        S* __restrict qp = sp + RC;
+        to_even_odd(meanc, kp, RC);
+        std::fill(sp, sp + 2 * RC, S(0));
+        int64_t i = 0;
+        auto step = [&](auto nv) {  // nv = 2 or 4 vectors (32 or 64 values) per column step
+          constexpr int NV = decltype(nv)::value;
+          for (; i + 16 * NV <= RC; i += 16 * NV) {
+            V a[NV], q[NV], kk[NV];
+            for (int j = 0; j < NV; j++) {
+              a[j] = V::loadu(sp + i + 16 * j);
+              q[j] = V::loadu(qp + i + 16 * j);
+              kk[j] = V::loadu(kp + i + 16 * j);
+            }
+            for (int64_t rr = 0; rr < full; rr++) {
+              for (int j = 0; j < NV; j += 2) {
+                __m512 e, o;
+                BF16x32::load(src + rr * RC + i + 16 * j, e, o);
+                const V d0 = V(e) - kk[j], d1 = V(o) - kk[j + 1];
+                a[j] += d0;
+                q[j] = at::vec::fmadd(d0, d0, q[j]);
+                a[j + 1] += d1;
+                q[j + 1] = at::vec::fmadd(d1, d1, q[j + 1]);
+              }
+            }
+            for (int j = 0; j < NV; j++) {
+              a[j].store(sp + i + 16 * j);
+              q[j].store(qp + i + 16 * j);
+            }
+          }
+        };
+        step(std::integral_constant<int, 4>{});
+        step(std::integral_constant<int, 2>{});
+        if (i < RC) column_sums2<1, V>(sp + i, qp + i, full, RC - i, f1(src, i));  // < 32 lanes
+        from_even_odd(sp, sumc, RC);
+        from_even_odd(qp, sqc, RC);
+      } else
+#endif
+      {
+        column_sums2<4, V>(sumc, sqc, full, RC, f1(src));
+      }
       if (rem) column_sums2<4, V>(sumc, sqc, 1, rem * C, f1(src + full * RC));
       fold_rows(sumc, C, R);
       fold_rows(sqc, C, R);
@@ -396,14 +442,47 @@ void fwd_cl(const T* x, const T* r, T* s, T* y, const AccT<T>* w, const AccT<T>*
     repeat_rows(bc, C, R);
     const T* src = (r ? s : x) + (n * P) * C;
     T* dst = y + (n * P) * C;
-    for (int64_t p = p0; p < p1; p += R) {
-      const T* row = src + p * C;
-      T* out = dst + p * C;
-      for_vec<kV>(std::min(R, p1 - p) * C, [&](int64_t i, int64_t k) {
+    auto rows = [&](auto row_fn) {
+      for (int64_t p = p0; p < p1; p += R) row_fn(src + p * C, dst + p * C, std::min(R, p1 - p) * C);
+    };
+    auto tail = [&](const T* row, T* out, int64_t i0, int64_t len) {  // memory-order lanes
+      for_vec<kV>(len - i0, [&](int64_t i, int64_t k) {
+        i += i0;
         V z = at::vec::fmadd(ld(row + i, k) - lda(mc + i, k), lda(scl + i, k), lda(bc + i, k));
         st(out + i, act_fwd<ACT>(z), k);
       });
+    };
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<T, BFloat16>) {
+      // 32 values per step in BF16x32's lane order, the per-channel constants permuted alike
+      sc.sqc.resize(3 * RC);
+      S* __restrict mcp = sc.sqc.data();
+      S* __restrict sclp = mcp + RC;
+      S* __restrict bcp = sclp + RC;
+      to_even_odd(mc, mcp, RC);
+      to_even_odd(scl, sclp, RC);
+      to_even_odd(bc, bcp, RC);
+      bool finite = true;  // as apply_row: no NaN with a payload can reach the rounding
+      for (int64_t c = 0; c < C; c++) finite = finite && std::isfinite(mc[c]) && std::isfinite(scl[c]) && std::isfinite(bc[c]);
+      auto loop = [&](auto nan_safe) {
+        rows([&](const T* row, T* out, int64_t len) {
+          int64_t i = 0;
+          for (; i + 32 <= len; i += 32) {
+            __m512 e, o;
+            BF16x32::load(row + i, e, o);
+            const V ze = at::vec::fmadd(V(e) - V::loadu(mcp + i), V::loadu(sclp + i), V::loadu(bcp + i));
+            const V zo = at::vec::fmadd(V(o) - V::loadu(mcp + i + 16), V::loadu(sclp + i + 16), V::loadu(bcp + i + 16));
+            BF16x32::store<decltype(nan_safe)::value>(out + i, act_fwd<ACT>(ze), act_fwd<ACT>(zo));
+          }
+          tail(row, out, i, len);
+        });
+      };
+      if (finite) loop(std::false_type{});
+      else loop(std::true_type{});
+      return;
     }
+#endif
+    rows([&](const T* row, T* out, int64_t len) { tail(row, out, 0, len); });
   };
 
   if (fused) {
