@@ -225,12 +225,21 @@ def test_nan_inf_propagate_like_torch(dtype, layout):
     x[1, 6, 0, 0] = float("inf")
     w, b = torch.randn(8).to(dtype), torch.randn(8).to(dtype)
     w[3] = float("nan")
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     with use_route("cpu"):
-        y = group_norm(x, 4, w, b)
-    want = torch.nn.functional.group_norm(x, 4, w, b)
-    torch.testing.assert_close(y, want, equal_nan=True, **({} if dtype == f32 else TOL[bf16]))
+        y = group_norm(x1, 4, w, b)
+    want = torch.nn.functional.group_norm(x2, 4, w, b)
+    tol = {} if dtype == f32 else TOL[bf16]
+    torch.testing.assert_close(y, want, equal_nan=True, **tol)
+    # the backward: the same NaN pattern (and values elsewhere) as torch's
+    dy = torch.randn(y.shape).to(dtype)
+    y.backward(dy)
+    want.backward(dy)
+    assert torch.equal(x1.grad.isnan(), x2.grad.isnan())
+    torch.testing.assert_close(x1.grad, x2.grad, equal_nan=True, **(tol or TOL[f32]))
     assert y[0, :2].isnan().all() and y[1, 6:].isnan().all() and y[:, 3].isnan().all()
     assert y[0, 4:].isfinite().all() and y[1, :3].isfinite().all()
+    assert x1.grad[0, 4:].isfinite().all() and x1.grad[0, :4].isnan().all()
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
