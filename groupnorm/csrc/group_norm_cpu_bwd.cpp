@@ -7,6 +7,7 @@
 // xhat is always formed as (x - mean) * rstd, so a large mean costs no precision.
 #include "group_norm_cpu.h"
 
+#include <memory>
 #include <vector>
 
 namespace gn {
@@ -182,6 +183,15 @@ void bwd_cl(const T* dy, const T* dsum, const T* x, const AccT<T>* w, const AccT
 
   const int64_t R = cl_pixels_per_row(C), RC = R * C;
 
+  // With an activation, pass 1 keeps dz = dy * act'(z) (fp32, x's layout) when all of it fits
+  // in 8 MiB (~ in cache): pass 2 then reads dz instead of dy and skips the second act'
+  // (exp + reciprocal per value; a third of the fused backward on (2, 1280, 16, 16)). Larger
+  // tensors recompute it: there the extra dz write would cost more memory traffic than the
+  // arithmetic it saves (and as much memory as x).
+  std::unique_ptr<S[]> dzbuf;  // uninitialized (pass 1 writes every value before pass 2 reads it)
+  if (ACT != kNone && N * P * C * int64_t(sizeof(S)) <= (int64_t(8) << 20)) dzbuf.reset(new S[N * P * C]);
+  S* const dzs = dzbuf.get();
+
   // per-channel values of sample n, repeated R times (R pixels per inner loop)
   struct Scratch {
     std::vector<S> mc, rc, wc, bc, k1, k2, la, lb;
@@ -214,11 +224,14 @@ void bwd_cl(const T* dy, const T* dsum, const T* x, const AccT<T>* w, const AccT
     auto f = [&](int64_t p) {  // rows of R pixels starting at pixel p
       const T* xr = x + (n * P + p) * C;
       const T* dyr = dy + (n * P + p) * C;
-      return [&, xr, dyr](int64_t rr, int64_t i, int64_t k, V& a, V& q) {
+      S* dzr = dzs ? dzs + (n * P + p) * C : nullptr;
+      return [&, xr, dyr, dzr](int64_t rr, int64_t i, int64_t k, V& a, V& q) {
         V xh = keep_n((ld(xr + rr * RC + i, k) - lda(mc + i, k)) * lda(rc + i, k), k);
         V dz = ld(dyr + rr * RC + i, k);
-        if constexpr (ACT != kNone)
+        if constexpr (ACT != kNone) {
           dz = dz * act_grad<ACT>(at::vec::fmadd(xh, lda(wc + i, k), lda(bc + i, k)));
+          if (dzr) sta(dzr + rr * RC + i, dz, k);
+        }
         dz = keep_n(dz, k);
         a += dz;
         q = at::vec::fmadd(dz, xh, q);
@@ -279,11 +292,16 @@ void bwd_cl(const T* dy, const T* dsum, const T* x, const AccT<T>* w, const AccT
       const T* dyr = dy + off;
       const T* dsr = dsum ? dsum + off : nullptr;
       T* dxr = dx + off;
+      const S* dzr = dzs ? dzs + off : nullptr;
       for_vec<kV>(std::min(R, p1 - p) * C, [&](int64_t i, int64_t k) {
         V xh = (ld(xr + i, k) - lda(mc + i, k)) * lda(rc + i, k);
-        V dz = ld(dyr + i, k);
-        if constexpr (ACT != kNone)
-          dz = dz * act_grad<ACT>(at::vec::fmadd(xh, lda(wc + i, k), lda(bc + i, k)));
+        V dz;
+        if constexpr (ACT != kNone) {
+          if (dzr) dz = lda(dzr + i, k);
+          else dz = ld(dyr + i, k) * act_grad<ACT>(at::vec::fmadd(xh, lda(wc + i, k), lda(bc + i, k)));
+        } else {
+          dz = ld(dyr + i, k);
+        }
         V res = ((dz * lda(wc + i, k) - lda(k1 + i, k)) - xh * lda(k2 + i, k)) * lda(rc + i, k);
         if (dsr) res = res + ld(dsr + i, k);
         st(dxr + i, res, k);
