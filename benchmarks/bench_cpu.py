@@ -19,7 +19,8 @@ machine these runs are made on is shared with other jobs; the best-of-N ratio is
 noisy one there (a preempted run only ever adds time), the median is what the issue asks for.
 
 Timing: torch.set_num_threads(2); every repetition runs ours and torch's back to back (the
-order alternates), after warm-up; the table gives medians. "ours" and "torch" are the public
+order alternates), after warm-up; the table gives medians. A row runs ``--reps`` repetitions,
+or more (up to 10x) until it has timed at least 0.3 s, so fast rows have many samples. "ours" and "torch" are the public
 APIs with their allocations (what a user gets). The GB/s column is the forward *kernel* alone
 writing into a preallocated output (bytes = read x + write y), because a fresh 64 MiB
 allocation is page-faulted and would measure the allocator, not the kernel; "copy GB/s" is
@@ -69,10 +70,22 @@ class T:
         self.med, self.min = statistics.median(ts), min(ts)
 
 
+# Fast rows get more repetitions than --reps: at least this many seconds of timed runs per
+# row (up to 10x --reps), so that a few preempted runs on the shared machine cannot move the
+# median. Slow rows (the 64-128 MiB tensors) keep --reps.
+MIN_ROW_SECONDS = 0.3
+
+
+def _reps_for(seconds_per_rep: float, reps: int) -> int:
+    return max(reps, min(10 * reps, int(MIN_ROW_SECONDS / max(seconds_per_rep, 1e-9)))) | 1  # odd
+
+
 def bench_pair(fa, fb, reps, warmup=3):
     """Timings of fa and fb, run interleaved (alternating order)."""
+    t0 = time.perf_counter()
     for _ in range(warmup):
         fa(); fb()
+    reps = _reps_for((time.perf_counter() - t0) / warmup, reps)
     ta, tb = [], []
     for i in range(reps):
         for f, t in ((fa, ta), (fb, tb)) if i % 2 == 0 else ((fb, tb), (fa, ta)):
@@ -83,8 +96,10 @@ def bench_pair(fa, fb, reps, warmup=3):
 
 
 def bench_one(f, reps, warmup=3):
+    t0 = time.perf_counter()
     for _ in range(warmup):
         f()
+    reps = _reps_for((time.perf_counter() - t0) / warmup, reps)
     t = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -329,7 +344,7 @@ def main():
         return
     reps = a.reps or (7 if a.quick else 21)
     gcpu.load_extension()
-    print(header() + f"- repetitions: {reps} (median), interleaved with the reference\n")
+    print(header() + f"- repetitions: at least {reps} per row (more for fast rows, up to {10 * reps}: >= {MIN_ROW_SECONDS} s of timed runs), median, interleaved with the reference\n")
     rows = []
     for name, shape, G in shapes:
         for dt in a.dtype.split(","):
