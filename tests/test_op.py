@@ -359,14 +359,18 @@ def test_route_selection_and_forcing():
             group_norm(x, 2, route="triton")
 
 
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("activation", ACTS)
-def test_double_backward_gradgradcheck(activation):
+def test_double_backward_gradgradcheck(activation, route):
+    # on the cpu route the backward is a C++ autograd node, whose own backward (create_graph)
+    # goes through the Python op groupnorm::bwd and its reference double backward
     g = torch.Generator().manual_seed(4)
     x = torch.randn(2, 4, 3, dtype=torch.float64, generator=g, requires_grad=True)
     r = torch.randn(2, 4, 3, dtype=torch.float64, generator=g, requires_grad=True)
     w = torch.randn(4, dtype=torch.float64, generator=g, requires_grad=True)
     b = torch.randn(4, dtype=torch.float64, generator=g, requires_grad=True)
-    f = lambda x, r, w, b: group_norm(x, 2, w, b, activation=activation, residual=r, return_sum=True)  # noqa: E731
+    f = lambda x, r, w, b: group_norm(x, 2, w, b, activation=activation, residual=r, return_sum=True,  # noqa: E731
+                                      route=route)
     assert torch.autograd.gradgradcheck(f, (x, r, w, b))
 
 
@@ -464,21 +468,25 @@ def test_output_is_not_a_view_inplace_ops_work(route):
 
 @pytest.mark.parametrize("route", ROUTES)
 def test_eager_twin_matches_custom_op_bitwise(route):
-    # plain eager calls run the route behind an autograd.Function (no torch.library dispatch);
-    # anything that traces runs the custom op: both must give the very same bits
+    # plain eager calls run the route behind an autograd.Function (no torch.library dispatch),
+    # or, on a route that has one (cpu), behind its native C++ autograd node; anything that
+    # traces runs the custom op: all must give the very same bits
     from groupnorm.ops import group_norm as op
 
     assert op._eager(torch.zeros(1))
+    x = torch.randn(2, 4, 3, requires_grad=True)
+    node = op.group_norm_op(x, None, None, None, 2, 1e-5, "none", route)[0].grad_fn.name()
+    assert ("GNFunction" in node) == (routes.ROUTES[route].forward_autograd is not None), node
     results = []
-    for call in (op._EagerFn.apply, op.fwd):
+    for call in (op._EagerFn.apply, op.fwd, op.group_norm_op):
         x = make_input((2, 8, 5, 5), torch.float32, "channels_last").requires_grad_()
         r = make_input((2, 8, 5, 5), torch.float32, "contiguous", generator=torch.Generator().manual_seed(2))
         w, b = (t.requires_grad_() for t in _params(8, torch.float32))
         y, _, _, s = call(x, w, b, r, 4, 1e-5, "gelu", route)
         (y.square().sum() + s.sum()).backward()
         results.append((y, s, x.grad, w.grad, b.grad))
-    for a, e in zip(*results):
-        assert torch.equal(a, e)
+    for first, *others in zip(*results):
+        assert all(torch.equal(first, o) for o in others)
 
 
 @pytest.mark.filterwarnings("error:There is a performance drop")  # the vmap rules must be used

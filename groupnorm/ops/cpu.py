@@ -153,4 +153,11 @@ def backward(dy, dsum, xs, weight, bias, mean, rstd, num_groups, activation="non
     return dx, (dw if weight is not None else None), (db if bias is not None else None)
 
 
-register_route("cpu", forward, backward, supports, priority=10)
+def forward_autograd(x, weight, bias, residual, num_groups, eps, activation="none"):
+    """forward + a C++ autograd node for the backward (eager training; None: not this call)."""
+    if x.numel() == 0:
+        return None  # the reference math, through the Python autograd path
+    return load_extension().fwd_autograd(x, weight, bias, residual, num_groups, float(eps), _ACT[activation])
+
+
+register_route("cpu", forward, backward, supports, priority=10, forward_autograd=forward_autograd)

@@ -342,6 +342,15 @@ def group_norm_op(x, weight, bias, residual, num_groups, eps, activation, route)
                 _forward_ad._current_level < 0:
             # nothing to differentiate (inference): no autograd node at all (~10 us less)
             return _fwd_impl(x, weight, bias, residual, num_groups, eps, activation, route)
-        fn = _FuncFn if _functorch() else _EagerFn
-        return fn.apply(x, weight, bias, residual, num_groups, eps, activation, route)
+        if _functorch():
+            return _FuncFn.apply(x, weight, bias, residual, num_groups, eps, activation, route)
+        if _forward_ad._current_level < 0:
+            # plain eager training: a route's native autograd node, when it has one (the cpu
+            # route: ~40-50 us less per forward+backward than this Python Function)
+            r = routes.select(route, x, weight, residual, activation)
+            out = r.forward_autograd(x, weight, bias, residual, num_groups, eps, activation) \
+                if r.forward_autograd is not None else None
+            if out is not None:
+                return out
+        return _EagerFn.apply(x, weight, bias, residual, num_groups, eps, activation, route)
     return fwd(x, weight, bias, residual, num_groups, eps, activation, route)

@@ -9,6 +9,10 @@ A route is a pair of plain functions (no autograd, no nn.Module) with these sign
 
 plus ``supports(x, weight, residual, activation) -> None | str`` that returns None when the
 route can take the call and otherwise a short reason (used in the error of a forced route).
+A route may also give ``forward_autograd`` (same arguments as ``forward``, returns
+``(y, mean, rstd, sum_or_empty)`` with its backward already recorded by a native autograd
+node): the op uses it for plain eager training calls, where a Python autograd.Function would
+cost more than a small tensor's kernels (see ``group_norm_op``).
 
 ``"auto"`` walks the routes by descending priority and takes the first that supports the
 call; :func:`use_route` (or the ``route=`` argument of ``group_norm``) forces one.
@@ -34,6 +38,7 @@ class Route:
     backward: Callable
     supports: Callable[..., Optional[str]]
     priority: int
+    forward_autograd: Optional[Callable] = None
 
 
 ROUTES: dict[str, Route] = {}
@@ -45,9 +50,10 @@ _loaded = False
 
 
 def register_route(name: str, forward: Callable, backward: Callable,
-                   supports: Callable[..., Optional[str]], priority: int = 0) -> None:
+                   supports: Callable[..., Optional[str]], priority: int = 0,
+                   forward_autograd: Optional[Callable] = None) -> None:
     """Add (or replace) a route. Higher priority is tried first by ``"auto"``."""
-    ROUTES[name] = Route(name, forward, backward, supports, priority)
+    ROUTES[name] = Route(name, forward, backward, supports, priority, forward_autograd)
 
 
 def _load_optional() -> None:
