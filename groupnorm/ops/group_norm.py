@@ -336,7 +336,9 @@ def _eager(x: Tensor) -> bool:
 
 
 def group_norm_op(x, weight, bias, residual, num_groups, eps, activation, route):
-    """``groupnorm::fwd`` with autograd: the custom op, or its eager twin when nothing traces."""
+    """``groupnorm::fwd`` with autograd: the custom op when something traces; in plain eager
+    mode no autograd node (inference), the route's native node (cpu: a C++ autograd
+    Function), or the Python twin ``_EagerFn`` (``_FuncFn`` under torch.func)."""
     if _eager(x):
         if not (torch.is_grad_enabled() and _any_requires_grad(x, weight, bias, residual)) and \
                 _forward_ad._current_level < 0:
