@@ -242,6 +242,24 @@ def test_nan_inf_propagate_like_torch(dtype, layout):
     assert x1.grad[0, 4:].isfinite().all() and x1.grad[0, :4].isnan().all()
 
 
+def test_outputs_of_32_mib_and_more():
+    # y and dx of >= 32 MiB are given transparent huge pages (madvise) before the kernels
+    # write them: the path must produce the same values as any other size (checked against
+    # torch's own kernels here; a float64 reference of 8M values is slow)
+    x = torch.randn(1, 8, 1024, 1024, requires_grad=True)  # 32 MiB
+    w, b = torch.randn(8), torch.randn(8)
+    with use_route("cpu"):
+        y = group_norm(x, 4, w, b, activation="silu")
+    x2 = x.detach().clone().requires_grad_()
+    want = torch.nn.functional.silu(torch.nn.functional.group_norm(x2, 4, w, b))
+    torch.testing.assert_close(y, want, **TOL[f32])
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    want.backward(dy)
+    # both sides sum 4M-value groups in fp32 (in different orders): a looser tolerance
+    torch.testing.assert_close(x.grad, x2.grad, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_gradient_layouts_differ_from_input(layout):
     # dy non-contiguous (an expanded stride-0 gradient from .sum()) and a residual stored in
