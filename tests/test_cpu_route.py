@@ -382,3 +382,41 @@ def test_fallback_without_extension(how, tmp_path):
         env.update(GROUPNORM_CPU_EXT="0")
     p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
+
+
+def test_native_autograd_node_behaves_like_autograd():
+    # eager training on this route records a C++ autograd node (not a Python Function): what
+    # autograd users rely on must still hold
+    from torch.utils.checkpoint import checkpoint
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 8, 5, 5, generator=g, requires_grad=True)
+    w = torch.randn(8, generator=g, requires_grad=True)
+    b = torch.randn(8, generator=g, requires_grad=True)
+
+    def f(t):
+        with use_route("cpu"):
+            return group_norm(t, 4, w, b, activation="silu")
+
+    y = f(x)
+    assert "GNFunction" in y.grad_fn.name()
+    (want,) = torch.autograd.grad(y.square().sum(), x)
+    # activation checkpointing recomputes the forward in the backward
+    (got,) = torch.autograd.grad(checkpoint(f, x, use_reentrant=False).square().sum(), x)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    # saved-tensor hooks (CPU offload and friends) see the saved tensors
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t.clone(), lambda t: t):
+        y2 = f(x)
+    (got,) = torch.autograd.grad(y2.square().sum(), x)
+    assert packed and torch.equal(got, want)
+    # retain_graph: the second backward gives the same gradient
+    y3 = f(x)
+    g1 = torch.autograd.grad(y3.sum(), x, retain_graph=True)[0]
+    torch.testing.assert_close(torch.autograd.grad(y3.sum(), x)[0], g1, atol=0, rtol=0)
+    # an input modified in place after the forward is detected, as for torch's own ops
+    z = x * 1
+    y4 = f(z)
+    z.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y4.sum().backward()
