@@ -287,6 +287,16 @@ def test_cpu_tensors_are_declined_without_the_interpreter(monkeypatch):
         groupnorm.group_norm(x, 2, route="triton")
 
 
+def test_auto_never_sends_cpu_tensors_to_the_interpreter(monkeypatch):
+    # with TRITON_INTERPRET=1 a forced route="triton" takes CPU tensors (this file's tests),
+    # but "auto" keeps them on the CPU routes: the interpreter is a testing tool
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x = torch.randn(2, 4, 3)
+    assert T.supports(x, None, None, "none") is None
+    assert routes.select("auto", x, None, None, "none").name != "triton"
+    assert routes.select("triton", x, None, None, "none").name == "triton"
+
+
 def test_declines_float64():
     assert "float64" in T.supports(torch.randn(2, 4, 3, dtype=torch.float64, device=DEV), None, None, "none")
 

@@ -39,6 +39,9 @@ class Route:
     supports: Callable[..., Optional[str]]
     priority: int
     forward_autograd: Optional[Callable] = None
+    # device types "auto" may send to this route (None: any the route supports); a forced
+    # route is only asked ``supports``
+    auto_devices: Optional[tuple[str, ...]] = None
 
 
 ROUTES: dict[str, Route] = {}
@@ -51,9 +54,10 @@ _loaded = False
 
 def register_route(name: str, forward: Callable, backward: Callable,
                    supports: Callable[..., Optional[str]], priority: int = 0,
-                   forward_autograd: Optional[Callable] = None) -> None:
+                   forward_autograd: Optional[Callable] = None,
+                   auto_devices: Optional[tuple[str, ...]] = None) -> None:
     """Add (or replace) a route. Higher priority is tried first by ``"auto"``."""
-    ROUTES[name] = Route(name, forward, backward, supports, priority, forward_autograd)
+    ROUTES[name] = Route(name, forward, backward, supports, priority, forward_autograd, auto_devices)
 
 
 def _load_optional() -> None:
@@ -129,7 +133,10 @@ def select(route: str, x: torch.Tensor, weight, residual, activation: str) -> Ro
                 f"use route='auto' or one of {available_routes()}"
             )
         return r
+    dev = x.device.type
     for r in _by_priority():
+        if r.auto_devices is not None and dev not in r.auto_devices:
+            continue
         if r.supports(x, weight, residual, activation) is None:
             return r
     raise AssertionError("the reference route supports every call")  # pragma: no cover

@@ -493,4 +493,7 @@ def _backward_pixel_major(K, dyv, xsv, dsv, dxv, w, b, has_w, has_b, mean, rstd,
     return dwp, dbp
 
 
-register_route("triton", forward, backward, supports, priority=20)
+# "auto" sends only CUDA tensors here: TRITON_INTERPRET=1 (a debugging/testing mode, orders
+# of magnitude slower) lets a *forced* route="triton" run CPU tensors, but must not move every
+# CPU call of a process that happens to set it onto the interpreter
+register_route("triton", forward, backward, supports, priority=20, auto_devices=("cuda",))
