@@ -342,8 +342,10 @@ def group_norm_op(x, weight, bias, residual, num_groups, eps, activation, route)
     if _eager(x):
         if not (torch.is_grad_enabled() and _any_requires_grad(x, weight, bias, residual)) and \
                 _forward_ad._current_level < 0:
-            # nothing to differentiate (inference): no autograd node at all (~10 us less)
-            return _fwd_impl(x, weight, bias, residual, num_groups, eps, activation, route)
+            # nothing to differentiate (inference): no autograd node at all (~10 us less), and
+            # the route's own outputs (the sum is None without a residual: no empty tensor)
+            r = routes.select(route, x, weight, residual, activation)
+            return r.forward(x, weight, bias, residual, num_groups, eps, activation)
         if _functorch():
             return _FuncFn.apply(x, weight, bias, residual, num_groups, eps, activation, route)
         if _forward_ad._current_level < 0:
