@@ -90,7 +90,7 @@ def load_extension():
             if not (build_dir / f"{name}.so").exists():
                 print(f"groupnorm: compiling the CPU kernels once (about a minute); cached in {build_dir}",
                       file=sys.stderr, flush=True)
-            cpp_extension.load(  # registers torch.ops.groupnorm_cpu.{fwd,fwd_out,bwd}
+            cpp_extension.load(  # registers torch.ops.groupnorm_cpu.{fwd,fwd_out,bwd,fwd_autograd}
                 name=name,
                 sources=[str(_CSRC / f) for f in _SOURCES],
                 extra_cflags=flags,
