@@ -141,6 +141,37 @@ struct BF16x32 {
 };
 #endif
 
+// Two acc vectors from 2 * kV consecutive values: bf16 on AVX-512 in BF16x32's lane order
+// (even-, then odd-indexed values; 2 * kV = 32), every other case in memory order. For
+// position-free per-lane work (sums, affines constant over the run) and for store_pair,
+// which writes such a pair back in memory order; kNanSafe as BF16x32::round_hi (ignored by
+// the other types, whose stores have no NaN test to skip).
+template <typename T>
+inline void load_pair(const T* p, typename IO<T>::V& a, typename IO<T>::V& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, BFloat16>) {
+    __m512 e, o;
+    BF16x32::load(p, e, o);
+    a = e;
+    b = o;
+    return;
+  }
+#endif
+  a = IO<T>::load(p);
+  b = IO<T>::load(p + IO<T>::V::size());
+}
+
+template <bool kNanSafe = true, typename T>
+inline void store_pair(T* p, const typename IO<T>::V& a, const typename IO<T>::V& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, BFloat16>) {
+    BF16x32::store<kNanSafe>(p, a, b);
+    return;
+  }
+#endif
+  IO<T>::store2(p, a, b);
+}
+
 // Per-lane arrays (channels-last per-channel constants and sums) in BF16x32's lane order:
 // every whole 32-value chunk of [0, len) as its 16 even-indexed values then its 16 odd ones;
 // a tail shorter than 32 stays in memory order (the 16-lane code reads it).

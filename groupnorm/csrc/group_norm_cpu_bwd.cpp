@@ -47,30 +47,14 @@ void bwd_nchw(const T* dy, const T* dsum, const T* x, const AccT<T>* w, const Ac
           if constexpr (ACT == kNone) return d;
           else return d * act_grad<ACT>(at::vec::fmadd(xh, vw, vb));
         };
-#if defined(CPU_CAPABILITY_AVX512)
-        if constexpr (std::is_same_v<T, BFloat16>) {
-          // 32 values per step in BF16x32's lane order (dz kept in that order too: pass 2
-          // walks the row with the same steps)
-          for (; i + 32 <= HW; i += 32) {
-            __m512 xe, xo, de, dd;
-            BF16x32::load(xr + i, xe, xo);
-            BF16x32::load(dyr + i, de, dd);
-            V xh0 = (V(xe) - vm) * vr, xh1 = (V(xo) - vm) * vr;
-            V dz0 = dz_of(xh0, V(de)), dz1 = dz_of(xh1, V(dd));
-            if constexpr (ACT != kNone) {
-              dz0.store(dzp + i);
-              dz1.store(dzp + i + kV);
-            }
-            a0 += dz0;
-            a1 += dz1;
-            q0 = at::vec::fmadd(dz0, xh0, q0);
-            q1 = at::vec::fmadd(dz1, xh1, q1);
-          }
-        }
-#endif
+        // pairs of vectors (bf16: in BF16x32's lane order, dz kept in that order too: pass 2
+        // walks the row with the same steps)
         for (; i + 2 * kV <= HW; i += 2 * kV) {
-          V xh0 = (IO<T>::load(xr + i) - vm) * vr, xh1 = (IO<T>::load(xr + i + kV) - vm) * vr;
-          V dz0 = dz_of(xh0, IO<T>::load(dyr + i)), dz1 = dz_of(xh1, IO<T>::load(dyr + i + kV));
+          V x0, x1, d0, d1;
+          load_pair(xr + i, x0, x1);
+          load_pair(dyr + i, d0, d1);
+          V xh0 = (x0 - vm) * vr, xh1 = (x1 - vm) * vr;
+          V dz0 = dz_of(xh0, d0), dz1 = dz_of(xh1, d1);
           if constexpr (ACT != kNone) {
             dz0.store(dzp + i);
             dz1.store(dzp + i + kV);
@@ -118,38 +102,36 @@ void bwd_nchw(const T* dy, const T* dsum, const T* x, const AccT<T>* w, const Ac
           return ((dz * vw - k1) - xh * k2) * vr;
         };
         int64_t i = 0;
-#if defined(CPU_CAPABILITY_AVX512)
-        if constexpr (std::is_same_v<T, BFloat16>) {
-          auto loop = [&](auto nan_safe) {
-            for (; i + 32 <= HW; i += 32) {
-              __m512 xe, xo, e, o;
-              BF16x32::load(xr + i, xe, xo);
-              V dz0, dz1;
-              if constexpr (ACT != kNone) {
-                dz0 = V::loadu(dzp + i);
-                dz1 = V::loadu(dzp + i + kV);
-              } else {
-                BF16x32::load(dyr + i, e, o);
-                dz0 = V(e);
-                dz1 = V(o);
-              }
-              V r0 = dx_of(V(xe), dz0), r1 = dx_of(V(xo), dz1);
-              if (dsum) {
-                BF16x32::load(dsum + off + i, e, o);
-                r0 = r0 + V(e);
-                r1 = r1 + V(o);
-              }
-              BF16x32::store<decltype(nan_safe)::value>(dxr + i, r0, r1);
+        auto loop = [&](auto nan_safe) {  // pairs of vectors, the same steps as pass 1
+          for (; i + 2 * kV <= HW; i += 2 * kV) {
+            V x0, x1, dz0, dz1;
+            load_pair(xr + i, x0, x1);
+            if constexpr (ACT != kNone) {
+              dz0 = V::loadu(dzp + i);
+              dz1 = V::loadu(dzp + i + kV);
+            } else {
+              load_pair(dyr + i, dz0, dz1);
             }
-          };
+            V r0 = dx_of(x0, dz0), r1 = dx_of(x1, dz1);
+            if (dsum) {
+              V s0, s1;
+              load_pair(dsum + off + i, s0, s1);
+              r0 = r0 + s0;
+              r1 = r1 + s1;
+            }
+            store_pair<decltype(nan_safe)::value>(dxr + i, r0, r1);
+          }
+        };
+        if constexpr (std::is_same_v<T, BFloat16>) {
           // finite statistics and sums: no NaN/Inf in this row's x and dy (they feed A, B, the
           // mean), so no NaN with a payload reaches the rounding; dsum is added unchecked
           const bool finite = !dsum && std::isfinite(m) && std::isfinite(rs) && std::isfinite(c1) &&
                               std::isfinite(c2) && std::isfinite(wc);
           if (finite) loop(std::false_type{});
           else loop(std::true_type{});
+        } else {
+          loop(std::true_type{});  // the other types' stores have no NaN test to skip
         }
-#endif
         for (; i + kV <= HW; i += kV) {
           V r = dx_of(IO<T>::load(xr + i), ACT != kNone ? V::loadu(dzp + i) : IO<T>::load(dyr + i));
           if (dsum) r = r + IO<T>::load(dsum + off + i);

@@ -34,24 +34,14 @@ AccT<T> block_mean(const T* p, int64_t len) {
   const V vk(k);
   V a0(0), a1(0), a2(0), a3(0);
   int64_t i = 0;
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<T, BFloat16>) {
-    for (; i + 64 <= len; i += 64) {
-      __m512 e0, o0, e1, o1;
-      BF16x32::load(p + i, e0, o0);
-      BF16x32::load(p + i + 32, e1, o1);
-      a0 += V(e0) - vk;
-      a1 += V(o0) - vk;
-      a2 += V(e1) - vk;
-      a3 += V(o1) - vk;
-    }
-  }
-#endif
-  for (; i + 4 * kV <= len; i += 4 * kV) {
-    a0 += IO<T>::load(p + i) - vk;
-    a1 += IO<T>::load(p + i + kV) - vk;
-    a2 += IO<T>::load(p + i + 2 * kV) - vk;
-    a3 += IO<T>::load(p + i + 3 * kV) - vk;
+  for (; i + 4 * kV <= len; i += 4 * kV) {  // the lanes' order does not matter to a sum
+    V x0, x1, x2, x3;
+    load_pair(p + i, x0, x1);
+    load_pair(p + i + 2 * kV, x2, x3);
+    a0 += x0 - vk;
+    a1 += x1 - vk;
+    a2 += x2 - vk;
+    a3 += x3 - vk;
   }
   for (; i + kV <= len; i += kV) a0 += IO<T>::load(p + i) - vk;
   if (i < len) a1 += keep_n(load_n(p + i, len - i) - vk, len - i);
@@ -65,23 +55,11 @@ AccT<T> block_sqdev(const T* p, int64_t len, AccT<T> m) {
   const V vm(m);
   V a0(0), a1(0), a2(0), a3(0);
   int64_t i = 0;
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<T, BFloat16>) {
-    for (; i + 64 <= len; i += 64) {
-      __m512 e0, o0, e1, o1;
-      BF16x32::load(p + i, e0, o0);
-      BF16x32::load(p + i + 32, e1, o1);
-      V d0 = V(e0) - vm, d1 = V(o0) - vm, d2 = V(e1) - vm, d3 = V(o1) - vm;
-      a0 = at::vec::fmadd(d0, d0, a0);
-      a1 = at::vec::fmadd(d1, d1, a1);
-      a2 = at::vec::fmadd(d2, d2, a2);
-      a3 = at::vec::fmadd(d3, d3, a3);
-    }
-  }
-#endif
   for (; i + 4 * kV <= len; i += 4 * kV) {
-    V d0 = IO<T>::load(p + i) - vm, d1 = IO<T>::load(p + i + kV) - vm;
-    V d2 = IO<T>::load(p + i + 2 * kV) - vm, d3 = IO<T>::load(p + i + 3 * kV) - vm;
+    V x0, x1, x2, x3;
+    load_pair(p + i, x0, x1);
+    load_pair(p + i + 2 * kV, x2, x3);
+    const V d0 = x0 - vm, d1 = x1 - vm, d2 = x2 - vm, d3 = x3 - vm;
     a0 = at::vec::fmadd(d0, d0, a0);
     a1 = at::vec::fmadd(d1, d1, a1);
     a2 = at::vec::fmadd(d2, d2, a2);
@@ -117,24 +95,14 @@ void block_stats(const T* p, int64_t len, AccT<T> k, AccT<T>& mean, AccT<T>& m2)
     qa = at::vec::fmadd(d, d, qa);
   };
   int64_t i = 0;
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<T, BFloat16>) {
-    for (; i + 64 <= len; i += 64) {
-      __m512 e0, o0, e1, o1;
-      BF16x32::load(p + i, e0, o0);
-      BF16x32::load(p + i + 32, e1, o1);
-      acc(V(e0) - vk, s0, q0);
-      acc(V(o0) - vk, s1, q1);
-      acc(V(e1) - vk, s2, q2);
-      acc(V(o1) - vk, s3, q3);
-    }
-  }
-#endif
   for (; i + 4 * kV <= len; i += 4 * kV) {
-    acc(IO<T>::load(p + i) - vk, s0, q0);
-    acc(IO<T>::load(p + i + kV) - vk, s1, q1);
-    acc(IO<T>::load(p + i + 2 * kV) - vk, s2, q2);
-    acc(IO<T>::load(p + i + 3 * kV) - vk, s3, q3);
+    V x0, x1, x2, x3;
+    load_pair(p + i, x0, x1);
+    load_pair(p + i + 2 * kV, x2, x3);
+    acc(x0 - vk, s0, q0);
+    acc(x1 - vk, s1, q1);
+    acc(x2 - vk, s2, q2);
+    acc(x3 - vk, s3, q3);
   }
   for (; i + kV <= len; i += kV) acc(IO<T>::load(p + i) - vk, s0, q0);
   if (i < len) acc(keep_n(load_n(p + i, len - i) - vk, len - i), s1, q1);
@@ -166,31 +134,27 @@ void apply_row(const T* src, T* dst, int64_t len, AccT<T> mean, AccT<T> scale, A
   using V = typename IO<T>::V;
   constexpr int64_t kV = V::size();
   const V vm(mean), vs(scale), vb(shift);
-  int64_t i = 0;
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<T, BFloat16>) {
-    auto loop = [&](auto nan_safe) {
-      for (; i + 32 <= len; i += 32) {
-        _mm_prefetch(reinterpret_cast<const char*>(pf + i), _MM_HINT_T1);
-        __m512 e, o;
-        BF16x32::load(src + i, e, o);
-        const V ze = at::vec::fmadd(V(e) - vm, vs, vb), zo = at::vec::fmadd(V(o) - vm, vs, vb);
-        BF16x32::store<decltype(nan_safe)::value>(dst + i, act_fwd<ACT>(ze), act_fwd<ACT>(zo));
-      }
-    };
-    // a finite group mean means no NaN/Inf in the row (src is part of the group), and finite
-    // scale/shift no NaN weight/bias: then no NaN with a payload can reach the rounding
-    if (std::isfinite(mean) && std::isfinite(scale) && std::isfinite(shift)) loop(std::false_type{});
-    else loop(std::true_type{});
-  }
-#endif
-  for (; i + 2 * kV <= len; i += 2 * kV) {
+  auto pairs = [&](auto nan_safe) {  // whole pairs of vectors; returns where they end
+    int64_t j = 0;
+    for (; j + 2 * kV <= len; j += 2 * kV) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-    if constexpr (sizeof(T) == 2) _mm_prefetch(reinterpret_cast<const char*>(pf + i), _MM_HINT_T1);
+      if constexpr (sizeof(T) == 2) _mm_prefetch(reinterpret_cast<const char*>(pf + j), _MM_HINT_T1);
 #endif
-    V z0 = at::vec::fmadd(IO<T>::load(src + i) - vm, vs, vb);
-    V z1 = at::vec::fmadd(IO<T>::load(src + i + kV) - vm, vs, vb);
-    IO<T>::store2(dst + i, act_fwd<ACT>(z0), act_fwd<ACT>(z1));
+      V x0, x1;
+      load_pair(src + j, x0, x1);
+      store_pair<decltype(nan_safe)::value>(dst + j, act_fwd<ACT>(at::vec::fmadd(x0 - vm, vs, vb)),
+                                            act_fwd<ACT>(at::vec::fmadd(x1 - vm, vs, vb)));
+    }
+    return j;
+  };
+  int64_t i;
+  // bf16: a finite group mean means no NaN/Inf in the row (src is part of the group), and
+  // finite scale/shift no NaN weight/bias: then no NaN with a payload can reach the rounding
+  if constexpr (std::is_same_v<T, BFloat16>) {
+    if (std::isfinite(mean) && std::isfinite(scale) && std::isfinite(shift)) i = pairs(std::false_type{});
+    else i = pairs(std::true_type{});
+  } else {
+    i = pairs(std::true_type{});  // the other types' stores have no NaN test to skip
   }
   for (; i + kV <= len; i += kV)
     IO<T>::store(dst + i, act_fwd<ACT>(at::vec::fmadd(IO<T>::load(src + i) - vm, vs, vb)));
