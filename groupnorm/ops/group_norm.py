@@ -356,5 +356,6 @@ def group_norm_op(x, weight, bias, residual, num_groups, eps, activation, route)
                 if r.forward_autograd is not None else None
             if out is not None:
                 return out
+            route = r.name  # chosen once: the Function's forward and backward need not choose again
         return _EagerFn.apply(x, weight, bias, residual, num_groups, eps, activation, route)
     return fwd(x, weight, bias, residual, num_groups, eps, activation, route)
