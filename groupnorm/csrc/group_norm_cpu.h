@@ -68,15 +68,10 @@ template <> struct IO<BFloat16> {
     for (int i = 0; i < V::size(); i++) p[i] = BFloat16(tmp[i]);  // round to nearest even
 #endif
   }
-  // 2 * kV values: on AVX-512 one pack + permute and one 64-byte store for both halves
-  // (bitwise the same rounding as store; the single-vector narrowing costs 2 uops each)
+  // 2 * kV values (AVX-512 pairs go through BF16x32 instead: see store_pair)
   static inline void store2(BFloat16* p, const V& a, const V& b) {
-#if defined(CPU_CAPABILITY_AVX512)
-    _mm512_storeu_si512(reinterpret_cast<void*>(p), at::vec::cvtfp32_bf16(__m512(a), __m512(b)));
-#else
     store(p, a);
     store(p + V::size(), b);
-#endif
   }
 };
 
