@@ -43,23 +43,26 @@ def main(argv=None) -> int:
     from .study.sweep import report_only, run_sweep
 
     try:
-        dist.init_from_env(cfg.device)
-        out = report_only(cfg) if ns.report_only else run_sweep(cfg)
-    except (DatasetError, ValueError) as e:  # bad data or settings: the message names values and fix
-        print(f"groupnorm: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ngroupnorm: interrupted; finished runs are kept, rerun the same command to resume",
-              file=sys.stderr)
-        return 130
-    if dist.rank() == 0:
-        with open(out["files"]["md"]) as f:
-            print(f.read())
-        if "ablation" in out["files"]:
-            with open(out["files"]["ablation"]) as f:
+        try:
+            dist.init_from_env(cfg.device)
+            out = report_only(cfg) if ns.report_only else run_sweep(cfg)
+        except (DatasetError, ValueError) as e:  # bad data or settings: the message names values and fix
+            print(f"groupnorm: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("\ngroupnorm: interrupted; finished runs are kept, rerun the same command to resume",
+                  file=sys.stderr)
+            return 130
+        if dist.rank() == 0:
+            with open(out["files"]["md"]) as f:
                 print(f.read())
-        print("written: " + ", ".join(out["files"].values()))
-    return 0
+            if "ablation" in out["files"]:
+                with open(out["files"]["ablation"]) as f:
+                    print(f.read())
+            print("written: " + ", ".join(out["files"].values()))
+        return 0
+    finally:
+        dist.shutdown()
 
 
 if __name__ == "__main__":

@@ -44,6 +44,17 @@ def init_from_env(device: str = "cpu") -> bool:
     return True
 
 
+def shutdown() -> None:
+    """Destroy the process group (if any) before the interpreter exits.
+
+    Left to the interpreter's teardown, gloo's threads may be destroyed while still running,
+    which aborts the process ("terminate called without an active exception", exit code -6)
+    after the work is done; seen once in a torchrun test under load.
+    """
+    if is_dist():
+        td.destroy_process_group()
+
+
 def device_for(device: str) -> torch.device:
     """The torch device of this process: ``cuda`` becomes ``cuda:LOCAL_RANK`` under torchrun."""
     if device.startswith("cuda"):
