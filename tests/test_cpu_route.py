@@ -170,6 +170,23 @@ def test_large_mean(dtype, layout):
     check((1, 4, 96, 96), 2, dtype, layout, shift=1000.0, tol_scale=tol_scale)  # several blocks merged
 
 
+@pytest.mark.parametrize("dtype", [f32, bf16, f64])
+@pytest.mark.parametrize("activation", [None, "silu"])
+@pytest.mark.parametrize("shape", [(64, 4), (16, 4, 1, 1), (8, 4, 1)])
+def test_one_value_groups_have_exactly_zero_dx(dtype, activation, shape):
+    # G = C and no spatial extent: each group is one value, xhat = 0, and dx = (dz*w - c1 -
+    # xhat*c2)*rstd is 0 exactly (c1 = dz*w). rstd = 1/sqrt(eps) ~ 316 magnifies any rounding
+    # difference between dz*w and c1: an FMA fusing dz*w into the subtraction (GCC's default
+    # contraction) gave ~1e-5 here, and torch's own kernel gives ~3e-5.
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.randn(shape, generator=gen, dtype=f64) * 10).to(dtype).requires_grad_()
+    w = torch.randn(shape[1], generator=gen, dtype=f64).to(dtype)
+    dy = torch.randn(shape, generator=gen, dtype=f64).to(dtype)
+    with use_route("cpu"):
+        group_norm(x, shape[1], w, None, 1e-5, activation=activation).backward(dy)
+    assert torch.equal(x.grad, torch.zeros_like(x)), x.grad.abs().max()
+
+
 # Patterns that put the statistics' shift far from a block's mean. The statistics are one
 # pass (sums of d = x - k and d^2, k = the mean of the group's first values or of its blocks so
 # far) and redo a block exactly in two passes when k was far; each pattern forces that:

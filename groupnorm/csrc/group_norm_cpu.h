@@ -221,6 +221,30 @@ inline typename V::value_type hsum(const V& v) {
   return s;
 }
 
+// v as a rounded value: the compiler may not fuse the product that made it into a later add
+// (GCC's default -ffp-contract=fast would turn `a * b - c` into an FMA, which skips the
+// product's rounding). The backward needs it where c was computed from the rounded product:
+// a one-value group's dz * w - c1 is then exactly 0, as in the reference. The empty asm costs
+// nothing but the FMA it prevents (one instruction per vector; -ffp-contract=off for the
+// whole build cost 2-8% of the backward).
+#if defined(__GNUC__) && defined(CPU_CAPABILITY_AVX512)
+inline at::vec::Vectorized<float> rounded(at::vec::Vectorized<float> v) { __m512 r = v; asm("" : "+v"(r)); return r; }
+inline at::vec::Vectorized<double> rounded(at::vec::Vectorized<double> v) { __m512d r = v; asm("" : "+v"(r)); return r; }
+#elif defined(__GNUC__) && defined(CPU_CAPABILITY_AVX2)
+inline at::vec::Vectorized<float> rounded(at::vec::Vectorized<float> v) { __m256 r = v; asm("" : "+x"(r)); return r; }
+inline at::vec::Vectorized<double> rounded(at::vec::Vectorized<double> v) { __m256d r = v; asm("" : "+x"(r)); return r; }
+#else
+template <typename V>
+inline V rounded(V v) {  // other builds: through memory (no FMA spans a store and a load)
+  alignas(64) typename V::value_type tmp[V::size()];
+  v.store(tmp);
+#if defined(__GNUC__)
+  asm volatile("" : : "r"(tmp) : "memory");
+#endif
+  return V::loadu(tmp);
+}
+#endif
+
 // ---- activations (acc precision). gelu is the exact erf form. ----
 // float: exp_u20 (<= 20 ulp, well inside the fp32 tolerance) and a reciprocal by rcp14 + one
 // Newton step (AVX-512); a vector division costs ~10 cycles and dominated the fused

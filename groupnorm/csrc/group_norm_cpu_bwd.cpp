@@ -99,7 +99,7 @@ void bwd_nchw(const T* dy, const T* dsum, const T* x, const AccT<T>* w, const Ac
         auto dx_of = [&](const V& xv, const V& dz) {
           V xh = (xv - vm) * vr;
           // the reference's order: (dz * w - c1 - xhat * c2) * rstd (exact 0 for 1-value groups)
-          return ((dz * vw - k1) - xh * k2) * vr;
+          return ((rounded(dz * vw) - k1) - xh * k2) * vr;
         };
         int64_t i = 0;
         auto loop = [&](auto nan_safe) {  // pairs of vectors, the same steps as pass 1
@@ -284,7 +284,7 @@ void bwd_cl(const T* dy, const T* dsum, const T* x, const AccT<T>* w, const AccT
         } else {
           dz = ld(dyr + i, k);
         }
-        V res = ((dz * lda(wc + i, k) - lda(k1 + i, k)) - xh * lda(k2 + i, k)) * lda(rc + i, k);
+        V res = ((rounded(dz * lda(wc + i, k)) - lda(k1 + i, k)) - xh * lda(k2 + i, k)) * lda(rc + i, k);
         if (dsr) res = res + ld(dsr + i, k);
         st(dxr + i, res, k);
       });
