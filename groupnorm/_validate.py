@@ -102,7 +102,7 @@ def validate(
             continue
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"group_norm: {name} must be a Tensor or None, got {type(p).__name__}")
-        if tuple(p.shape) != (C,):
+        if p.shape != (C,):
             raise ValueError(
                 f"group_norm: {name} must have shape (C,) = ({C},), got {tuple(p.shape)}"
             )
@@ -111,7 +111,7 @@ def validate(
                 f"group_norm: {name} dtype {p.dtype} does not match x dtype {x.dtype}; "
                 f"allowed: {', '.join(str(a) for a in allowed)} (use {name}.to({x.dtype}))"
             )
-        if p.device != x.device:
+        if not (p.is_cpu and x.is_cpu) and p.device != x.device:  # is_cpu: 3x cheaper than .device
             raise ValueError(
                 f"group_norm: {name} is on {p.device} but x is on {x.device}; move it with {name}.to(x.device)"
             )
@@ -127,6 +127,6 @@ def validate(
                 f"group_norm: residual dtype {residual.dtype} must equal x dtype {x.dtype}; "
                 f"use residual.to({x.dtype})"
             )
-        if residual.device != x.device:
+        if not (residual.is_cpu and x.is_cpu) and residual.device != x.device:
             raise ValueError(f"group_norm: residual is on {residual.device} but x is on {x.device}")
     return G, normalize_activation(activation)

@@ -112,7 +112,7 @@ def load_extension():
 
 
 def supports(x: Tensor, weight, residual, activation: str) -> Optional[str]:
-    if x.device.type != "cpu":
+    if not x.is_cpu:
         return f"tensor on {x.device.type}, not CPU"
     if x.layout != torch.strided:
         return f"layout {x.layout} is not strided"

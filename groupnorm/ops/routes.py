@@ -133,7 +133,7 @@ def select(route: str, x: torch.Tensor, weight, residual, activation: str) -> Ro
                 f"use route='auto' or one of {available_routes()}"
             )
         return r
-    dev = x.device.type
+    dev = "cpu" if x.is_cpu else x.device.type  # x.is_cpu: 0.1 us, x.device.type: 0.7 us
     for r in _by_priority():
         if r.auto_devices is not None and dev not in r.auto_devices:
             continue
