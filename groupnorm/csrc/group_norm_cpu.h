@@ -26,6 +26,16 @@
 
 namespace gn {
 
+// Forced inlining for the small helpers called inside the vector loops: GCC left sigmoid /
+// act_grad out of line in some instantiations (the channels-last backward), and a call in a
+// loop spills every live zmm register (all are caller-saved): the fused SiLU channels-last
+// backward ran 2x slower than it should (docs/cpu.md, session 4).
+#if defined(__GNUC__)
+#define GN_INLINE inline __attribute__((always_inline))
+#else
+#define GN_INLINE inline
+#endif
+
 using at::vec::Vectorized;
 using c10::BFloat16;
 using c10::Half;
@@ -250,14 +260,14 @@ inline V rounded(V v) {  // other builds: through memory (no FMA spans a store a
 // Newton step (AVX-512); a vector division costs ~10 cycles and dominated the fused
 // activation. double: exact exp and division.
 template <typename V>
-inline V fast_exp(const V& v) {
+GN_INLINE V fast_exp(const V& v) {
   if constexpr (std::is_same_v<typename V::value_type, float>) return v.exp_u20();
   else return v.exp();
 }
 
 // 1 / d for d in [1, 2] (the sigmoid denominator below)
 template <typename V>
-inline V recip_1_2(const V& d) {
+GN_INLINE V recip_1_2(const V& d) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<typename V::value_type, float>) {
     __m512 r = _mm512_rcp14_ps(d);
@@ -276,7 +286,7 @@ inline V recip_1_2(const V& d) {
 // vscalefps multiplies by 2^n exactly (no integer exponent arithmetic). t is clamped at -104,
 // where exp underflows to 0 in fp32 anyway, so -inf gives 0 (and NaN gives 0: the callers
 // multiply by z, so NaN still propagates).
-inline __m512 exp_nonpos_avx512(__m512 t) {
+GN_INLINE __m512 exp_nonpos_avx512(__m512 t) {
   t = _mm512_max_ps(t, _mm512_set1_ps(-104.f));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(t, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -293,7 +303,7 @@ inline __m512 exp_nonpos_avx512(__m512 t) {
 
 // exp(t) for t <= 0
 template <typename V>
-inline V exp_nonpos(const V& t) {
+GN_INLINE V exp_nonpos(const V& t) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<typename V::value_type, float>) return V(exp_nonpos_avx512(t));
 #endif
@@ -303,7 +313,7 @@ inline V exp_nonpos(const V& t) {
 // sigmoid(z) without overflow: e = exp(-|z|) in [0, 1]; 1/(1+e) for z >= 0, e/(1+e) else.
 // NaN z gives a finite value here, but every caller multiplies by z, so NaN propagates.
 template <typename V>
-inline V sigmoid(const V& z) {
+GN_INLINE V sigmoid(const V& z) {
   using S = typename V::value_type;
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<S, float>) {
@@ -321,7 +331,7 @@ inline V sigmoid(const V& z) {
 }
 
 template <int ACT, typename V>
-inline V act_fwd(const V& z) {
+GN_INLINE V act_fwd(const V& z) {
   using S = typename V::value_type;
   if constexpr (ACT == kSilu) {
     return z * sigmoid(z);
@@ -336,7 +346,7 @@ inline V act_fwd(const V& z) {
 
 // d act(z) / dz, exactly as groupnorm.reference._act_grad
 template <int ACT, typename V>
-inline V act_grad(const V& z) {
+GN_INLINE V act_grad(const V& z) {
   using S = typename V::value_type;
   if constexpr (ACT == kSilu) {
     V sig = sigmoid(z);
@@ -354,20 +364,20 @@ inline V act_grad(const V& z) {
 
 // Loads / stores of k <= kV lanes (k == kV in the main loops, where the branch folds away).
 template <typename T>
-inline typename IO<T>::V ld(const T* p, int64_t k) {
+GN_INLINE typename IO<T>::V ld(const T* p, int64_t k) {
   return k == IO<T>::V::size() ? IO<T>::load(p) : load_n(p, k);
 }
 template <typename T>
-inline void st(T* p, const typename IO<T>::V& v, int64_t k) {
+GN_INLINE void st(T* p, const typename IO<T>::V& v, int64_t k) {
   if (k == IO<T>::V::size()) IO<T>::store(p, v);
   else store_n(p, v, k);
 }
 template <typename S>
-inline Vectorized<S> lda(const S* p, int64_t k) {  // acc-typed scratch arrays
+GN_INLINE Vectorized<S> lda(const S* p, int64_t k) {  // acc-typed scratch arrays
   return k == Vectorized<S>::size() ? Vectorized<S>::loadu(p) : Vectorized<S>::loadu(p, k);
 }
 template <typename S>
-inline void sta(S* p, const Vectorized<S>& v, int64_t k) {
+GN_INLINE void sta(S* p, const Vectorized<S>& v, int64_t k) {
   if (k == Vectorized<S>::size()) v.store(p);
   else v.store(p, k);
 }

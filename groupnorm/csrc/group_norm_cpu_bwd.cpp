@@ -203,11 +203,25 @@ void bwd_cl(const T* dy, const T* dsum, const T* x, const AccT<T>* w, const AccT
     S* __restrict lb = sc.lb.data();
     std::fill(la, la + RC, S(0));
     std::fill(lb, lb + RC, S(0));
+    // The column walk (column_sums2: a 2-vector column down the rows, stride R * C values)
+    // defeats the hardware prefetchers, and over a whole pixel range each column re-fetched
+    // its lines from L3. So the rows go in sub-blocks of ~8K values (32 KB of x, of dy),
+    // and while one sub-block is walked the next one's lines of x and dy are prefetched into
+    // L2, one line of each per row step. Sums per lane still run over the rows in order:
+    // bitwise the same result. 1.2-1.9x on the channels-last backward (docs/cpu.md).
+    const char* pf = nullptr;      // next line of x to prefetch (dy: the same offset)
+    const char* pf_end = nullptr;
+    const std::ptrdiff_t pf_dy = reinterpret_cast<const char*>(dy) - reinterpret_cast<const char*>(x);
     auto f = [&](int64_t p) {  // rows of R pixels starting at pixel p
       const T* xr = x + (n * P + p) * C;
       const T* dyr = dy + (n * P + p) * C;
       S* dzr = dzs ? dzs + (n * P + p) * C : nullptr;
       return [&, xr, dyr, dzr](int64_t rr, int64_t i, int64_t k, V& a, V& q) {
+        if (pf < pf_end) {
+          __builtin_prefetch(pf, 0, 2);  // read, into L2 (prefetcht1 on x86)
+          __builtin_prefetch(pf + pf_dy, 0, 2);
+          pf += 64;
+        }
         V xh = keep_n((ld(xr + rr * RC + i, k) - lda(mc + i, k)) * lda(rc + i, k), k);
         V dz = ld(dyr + rr * RC + i, k);
         if constexpr (ACT != kNone) {
@@ -220,7 +234,15 @@ void bwd_cl(const T* dy, const T* dsum, const T* x, const AccT<T>* w, const AccT
       };
     };
     const int64_t full = (p1 - p0) / R, rem = (p1 - p0) % R;
-    column_sums2<2, V>(la, lb, full, RC, f(p0));
+    const int64_t QR = std::max<int64_t>(1, 8192 / RC);  // rows per sub-block
+    for (int64_t r0 = 0; r0 < full; r0 += QR) {
+      const int64_t nr = std::min(QR, full - r0);
+      const int64_t next = std::min(QR, full - r0 - nr);  // rows of the next sub-block
+      pf = reinterpret_cast<const char*>(x + (n * P + p0 + (r0 + nr) * R) * C);
+      pf_end = pf + next * RC * int64_t(sizeof(T));
+      column_sums2<2, V>(la, lb, nr, RC, f(p0 + r0 * R));
+    }
+    pf = pf_end = nullptr;  // the partial row: no prefetch
     if (rem) column_sums2<2, V>(la, lb, 1, rem * C, f(p0 + full * R));
     for (int64_t c = 0; c < C; c++) {
       S a = 0, q = 0;
