@@ -171,6 +171,85 @@ inline void finish_stats(S mean, S m2, int64_t D, S eps, S* mean_o, S* rstd_o) {
 }
 
 // ---------------------------------------------------------------- contiguous (N, C, *)
+
+// One sweep over D positions that writes the output of the group at `src` (kOut) and takes
+// the statistics of the group at `nxt`: the next group of the task, the next D values in
+// memory. So the next group's x is loaded for its statistics while this group's x is
+// re-read (from L1/L2) for its output, instead of a separate statistics sweep: the two
+// loops' load stalls overlap and x is read from memory once. The statistics are those of
+// block_stats (one pass per 8192-value block with shift k = the mean so far, the first
+// block's k the mean of its first 16 values; an exact two-pass redo when k was far), summed
+// per position in an order fixed by D and HW alone: a task's first group gets its
+// statistics from this same function with kOut = false, so results do not depend on how the
+// groups are split among threads. scale/shift: per channel of the output group.
+template <typename T, int ACT, bool kOut, bool kNanSafe>
+void out_and_stats(const T* src, T* dst, const T* nxt, int64_t D, int64_t HW, AccT<T> mean,
+                   const AccT<T>* scale, const AccT<T>* shift, AccT<T>& nmean, AccT<T>& nm2) {
+  using S = AccT<T>;
+  using V = typename IO<T>::V;
+  constexpr int64_t kV = V::size();
+  constexpr int64_t kB = 8192;
+  double cnt = 0;
+  S gm = 0, gm2 = 0;
+  const V vm(mean);
+  for (int64_t off = 0; off < D; off += kB) {
+    const int64_t stop = std::min(off + kB, D), len = stop - off;
+    const S k = off == 0 ? head_mean(nxt + off, len) : gm;
+    const V vk(k);
+    V s0(0), s1(0), s2(0), s3(0), q0(0), q1(0), q2(0), q3(0);
+    auto acc = [&](const V& v, V& sa, V& qa) {
+      const V d = v - vk;
+      sa += d;
+      qa = at::vec::fmadd(d, d, qa);
+    };
+    auto out2 = [&](int64_t i, const V& vs, const V& vb) {
+      V x0, x1;
+      load_pair(src + i, x0, x1);
+      store_pair<kNanSafe>(dst + i, act_fwd<ACT>(at::vec::fmadd(x0 - vm, vs, vb)),
+                           act_fwd<ACT>(at::vec::fmadd(x1 - vm, vs, vb)));
+    };
+    for (int64_t i = off; i < stop;) {  // channel segments of the output group
+      const int64_t c = i / HW, seg = std::min(stop, (c + 1) * HW);
+      V vs(S(0)), vb(S(0));
+      if constexpr (kOut) {
+        vs = V(scale[c]);
+        vb = V(shift[c]);
+      }
+      for (; i + 4 * kV <= seg; i += 4 * kV) {
+        V n0, n1, n2, n3;
+        load_pair(nxt + i, n0, n1);
+        load_pair(nxt + i + 2 * kV, n2, n3);
+        if constexpr (kOut) {
+          out2(i, vs, vb);
+          out2(i + 2 * kV, vs, vb);
+        }
+        acc(n0, s0, q0);
+        acc(n1, s1, q1);
+        acc(n2, s2, q2);
+        acc(n3, s3, q3);
+      }
+      while (i < seg) {  // the segment's last < 4 vectors, in memory order
+        const int64_t k = std::min(kV, seg - i);
+        if constexpr (kOut) store_n(dst + i, act_fwd<ACT>(at::vec::fmadd(load_n(src + i, k) - vm, vs, vb)), k);
+        const V d = keep_n(load_n(nxt + i, k) - vk, k);
+        s0 += d;
+        q0 = at::vec::fmadd(d, d, q0);
+        i += k;
+      }
+    }
+    const S sd = hsum((s0 + s1) + (s2 + s3)), sq = hsum((q0 + q1) + (q2 + q3));
+    const S dm = sd / S(len), m2v = sq - sd * dm;
+    S bmean = k + dm, bm2 = m2v;
+    if (!(m2v * S(2) >= sq && sq > S(0))) {  // k was far from the block mean: exact redo
+      bmean = block_mean(nxt + off, len);
+      bm2 = block_sqdev(nxt + off, len, bmean);
+    }
+    chan_combine(cnt, gm, gm2, double(len), bmean, bm2);
+  }
+  nmean = gm;
+  nm2 = gm2;
+}
+
 template <typename T, int ACT>
 void fwd_nchw(const T* x, const T* r, T* s, T* y, const AccT<T>* w, const AccT<T>* b,
               AccT<T>* mean_o, AccT<T>* rstd_o, int64_t N, int64_t C, int64_t HW, int64_t G,
@@ -178,6 +257,46 @@ void fwd_nchw(const T* x, const T* r, T* s, T* y, const AccT<T>* w, const AccT<T
   using S = AccT<T>;
   const int64_t Cg = C / G, D = Cg * HW;
   constexpr int64_t kB = 8192;  // block: the second (centred) pass re-reads it from L1
+  // out_and_stats (one sweep per group: this group's output + the next group's statistics)
+  // where it measured faster than two sweeps per group (A/B, session 4): groups <= 256 KiB,
+  // whose x is still in L2 when its output is written one group later (1.03-1.29x), and
+  // tensors >= 64 MiB, beyond what stays in cache, where each sweep costs a DRAM pass
+  // (1.13-1.23x). Between the two (e.g. 512 KiB-1 MiB groups of an 8 MiB tensor) the separate
+  // sweeps re-read a group from L2 right after its statistics and win (fused: 0.89-0.99x).
+  // Half types with an activation keep the separate sweeps too: their output loop is
+  // compute-bound and already hides the next group's prefetch (fused SiLU bf16: 0.93x).
+  const int64_t group_bytes = D * int64_t(sizeof(T));
+  const bool one_sweep = !r && (ACT == kNone || sizeof(T) >= 4) &&
+                         (group_bytes <= (int64_t(256) << 10) || N * G * group_bytes >= (int64_t(64) << 20));
+  if (one_sweep) {
+    at::parallel_for(0, N * G, 1, [&](int64_t beg, int64_t end) {
+      std::vector<S> scl(Cg), shf(Cg);
+      S mean, m2;
+      out_and_stats<T, ACT, false, true>(nullptr, nullptr, x + beg * D, D, HW, S(0), nullptr, nullptr, mean, m2);
+      for (int64_t ng = beg; ng < end; ng++) {
+        finish_stats(mean, m2, D, eps, mean_o + ng, rstd_o + ng);
+        const S mu = mean, rs = rstd_o[ng];
+        const int64_t g = ng % G, base = ng * D;
+        bool finite = std::isfinite(mu) && std::isfinite(rs);
+        for (int64_t ci = 0; ci < Cg; ci++) {
+          const int64_t c = g * Cg + ci;
+          scl[ci] = rs * (w ? w[c] : S(1));
+          shf[ci] = b ? b[c] : S(0);
+          finite = finite && std::isfinite(scl[ci]) && std::isfinite(shf[ci]);
+        }
+        if (ng + 1 < end) {
+          if (std::is_same_v<T, BFloat16> && finite)
+            out_and_stats<T, ACT, true, false>(x + base, y + base, x + base + D, D, HW, mu, scl.data(), shf.data(), mean, m2);
+          else
+            out_and_stats<T, ACT, true, true>(x + base, y + base, x + base + D, D, HW, mu, scl.data(), shf.data(), mean, m2);
+        } else {
+          for (int64_t ci = 0; ci < Cg; ci++)
+            apply_row<T, ACT>(x + base + ci * HW, y + base + ci * HW, HW, mu, scl[ci], shf[ci], x + base + D + ci * HW);
+        }
+      }
+    });
+    return;
+  }
   at::parallel_for(0, N * G, 1, [&](int64_t beg, int64_t end) {
     for (int64_t ng = beg; ng < end; ng++) {
       const int64_t base = ng * D;  // the group is one contiguous run of D values
