@@ -208,8 +208,10 @@ STAT_PATTERNS = {
 @pytest.mark.parametrize("pattern", list(STAT_PATTERNS))
 def test_statistics_shift_far_from_mean(dtype, layout, pattern):
     # (2, 6, 37, 3): bf16 groups of 222 values = 64-value steps, a 16-value step and a tail;
-    # (1, 4, 96, 96): 18432-value groups, three statistics blocks merged
-    for shape, G in [((2, 6, 37, 3), 3), ((1, 4, 96, 96), 2)]:
+    # (1, 4, 96, 96): 18432-value groups, three statistics blocks merged;
+    # (2, 64, 48, 48): channels-last, one task per sample cut into three sub-blocks of <= 1024
+    # pixels (Chan-merged; the later ones shifted by the mean so far)
+    for shape, G in [((2, 6, 37, 3), 3), ((1, 4, 96, 96), 2), ((2, 64, 48, 48), 8)]:
         check(shape, G, dtype, layout, "silu" if pattern == "ramp" else None, pattern=STAT_PATTERNS[pattern])
 
 
@@ -220,8 +222,8 @@ def test_statistics_accuracy(dtype, layout, pattern):
     # The saved mean / rstd themselves, against float64 statistics of the same values: a
     # one-pass sum of squares with a shift far from the mean would lose up to log2(8192 / 16)
     # = 9 bits here (rstd off by ~1e-5 relative, inside y's tolerance but not this one); the
-    # exact redo keeps the loss <= 1 bit.
-    for shape, G in [((2, 6, 37, 3), 3), ((1, 4, 96, 96), 2)]:
+    # exact redo keeps the loss <= 1 bit. (2, 64, 48, 48): several channels-last sub-blocks.
+    for shape, G in [((2, 6, 37, 3), 3), ((1, 4, 96, 96), 2), ((2, 64, 48, 48), 8)]:
         x = make_input(shape, dtype, layout, generator=torch.Generator().manual_seed(1))
         x = torch.empty_like(x).copy_(STAT_PATTERNS[pattern](x.double()))
         _, mean, rstd, _ = torch.ops.groupnorm_cpu.fwd(x, None, None, None, G, 1e-5, 0)
