@@ -42,6 +42,7 @@ def main(argv=None) -> int:
         return 0
     from .study.sweep import report_only, run_sweep
 
+    finished = False
     try:
         try:
             dist.init_from_env(cfg.device)
@@ -60,9 +61,10 @@ def main(argv=None) -> int:
                 with open(out["files"]["ablation"]) as f:
                     print(f.read())
             print("written: " + ", ".join(out["files"].values()))
+        finished = True
         return 0
     finally:
-        dist.shutdown()
+        dist.shutdown(finished)
 
 
 if __name__ == "__main__":

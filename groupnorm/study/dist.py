@@ -44,14 +44,19 @@ def init_from_env(device: str = "cpu") -> bool:
     return True
 
 
-def shutdown() -> None:
+def shutdown(finished: bool = True) -> None:
     """Destroy the process group (if any) before the interpreter exits.
 
-    Left to the interpreter's teardown, gloo's threads may be destroyed while still running,
-    which aborts the process ("terminate called without an active exception", exit code -6)
-    after the work is done; seen once in a torchrun test under load.
+    ``finished``: every rank got to the end (then they first meet at a barrier). Without it,
+    rank 1 could tear gloo down while rank 0 was still writing the report, and a rank
+    sometimes aborted after all the work was done ("terminate called without an active
+    exception", exit code -6: twice in clean-clone CI runs under load, with the destroy but
+    no barrier the second time). After an error on one rank the others may never arrive,
+    so then there is no barrier.
     """
     if is_dist():
+        if finished:
+            td.barrier()
         td.destroy_process_group()
 
 
