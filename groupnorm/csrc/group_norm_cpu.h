@@ -235,8 +235,8 @@ inline typename V::value_type hsum(const V& v) {
 // (GCC's default -ffp-contract=fast would turn `a * b - c` into an FMA, which skips the
 // product's rounding). The backward needs it where c was computed from the rounded product:
 // a one-value group's dz * w - c1 is then exactly 0, as in the reference. The empty asm costs
-// nothing but the FMA it prevents (one instruction per vector; -ffp-contract=off for the
-// whole build cost 2-8% of the backward).
+// nothing but the FMA it prevents (one instruction per vector); -ffp-contract=off for the
+// whole build would drop half the backward's FMAs (measured 0.91-1.04x, docs/cpu.md).
 #if defined(__GNUC__) && defined(CPU_CAPABILITY_AVX512)
 inline at::vec::Vectorized<float> rounded(at::vec::Vectorized<float> v) { __m512 r = v; asm("" : "+v"(r)); return r; }
 inline at::vec::Vectorized<double> rounded(at::vec::Vectorized<double> v) { __m512d r = v; asm("" : "+v"(r)); return r; }

@@ -76,6 +76,24 @@ AccT<T> block_sqdev(const T* p, int64_t len, AccT<T> m) {
   return hsum((a0 + a1) + (a2 + a3));
 }
 
+// mean and M2 of the len values at p from their shifted sums sd = sum(x - k) and
+// sq = sum((x - k)^2): M2 = sq - sd^2 / len, unless k was far from the mean (sq > 2 M2, see
+// block_stats), then exactly in two passes over p (still in L1/L2)
+template <typename T>
+void stats_from_shifted(const T* p, int64_t len, AccT<T> k, AccT<T> sd, AccT<T> sq, AccT<T>& mean,
+                        AccT<T>& m2) {
+  using S = AccT<T>;
+  const S dm = sd / S(len);
+  const S m2v = sq - sd * dm;
+  if (m2v * S(2) >= sq && sq > S(0)) {
+    mean = k + dm;
+    m2 = m2v;
+  } else {
+    mean = block_mean(p, len);
+    m2 = block_sqdev(p, len, mean);
+  }
+}
+
 // Block statistics in one pass over memory: with d = x - k, mean = k + sum(d) / len and
 // M2 = sum(d^2) - sum(d)^2 / len. The subtraction cancels log2(sum(d^2) / M2) bits, so the
 // shift k must be near the block mean: the caller passes the mean of the group's previous
@@ -106,16 +124,7 @@ void block_stats(const T* p, int64_t len, AccT<T> k, AccT<T>& mean, AccT<T>& m2)
   }
   for (; i + kV <= len; i += kV) acc(IO<T>::load(p + i) - vk, s0, q0);
   if (i < len) acc(keep_n(load_n(p + i, len - i) - vk, len - i), s1, q1);
-  const S sd = hsum((s0 + s1) + (s2 + s3)), sq = hsum((q0 + q1) + (q2 + q3));
-  const S dm = sd / S(len);
-  const S m2v = sq - sd * dm;
-  if (m2v * S(2) >= sq && sq > S(0)) {
-    mean = k + dm;
-    m2 = m2v;
-  } else {
-    mean = block_mean(p, len);
-    m2 = block_sqdev(p, len, mean);
-  }
+  stats_from_shifted(p, len, k, hsum((s0 + s1) + (s2 + s3)), hsum((q0 + q1) + (q2 + q3)), mean, m2);
 }
 
 // mean of the first min(len, 16) values: the shift of a group's first block_stats
@@ -237,13 +246,8 @@ void out_and_stats(const T* src, T* dst, const T* nxt, int64_t D, int64_t HW, Ac
         i += k;
       }
     }
-    const S sd = hsum((s0 + s1) + (s2 + s3)), sq = hsum((q0 + q1) + (q2 + q3));
-    const S dm = sd / S(len), m2v = sq - sd * dm;
-    S bmean = k + dm, bm2 = m2v;
-    if (!(m2v * S(2) >= sq && sq > S(0))) {  // k was far from the block mean: exact redo
-      bmean = block_mean(nxt + off, len);
-      bm2 = block_sqdev(nxt + off, len, bmean);
-    }
+    S bmean, bm2;
+    stats_from_shifted(nxt + off, len, k, hsum((s0 + s1) + (s2 + s3)), hsum((q0 + q1) + (q2 + q3)), bmean, bm2);
     chan_combine(cnt, gm, gm2, double(len), bmean, bm2);
   }
   nmean = gm;
@@ -285,10 +289,17 @@ void fwd_nchw(const T* x, const T* r, T* s, T* y, const AccT<T>* w, const AccT<T
           finite = finite && std::isfinite(scl[ci]) && std::isfinite(shf[ci]);
         }
         if (ng + 1 < end) {
-          if (std::is_same_v<T, BFloat16> && finite)
-            out_and_stats<T, ACT, true, false>(x + base, y + base, x + base + D, D, HW, mu, scl.data(), shf.data(), mean, m2);
-          else
-            out_and_stats<T, ACT, true, true>(x + base, y + base, x + base + D, D, HW, mu, scl.data(), shf.data(), mean, m2);
+          // bf16 with finite statistics and affine: rounding without the NaN test (apply_row)
+          auto sweep = [&](auto nan_safe) {
+            out_and_stats<T, ACT, true, decltype(nan_safe)::value>(x + base, y + base, x + base + D, D, HW, mu,
+                                                                   scl.data(), shf.data(), mean, m2);
+          };
+          if constexpr (std::is_same_v<T, BFloat16>) {
+            if (finite) sweep(std::false_type{});
+            else sweep(std::true_type{});
+          } else {
+            sweep(std::true_type{});  // the other types' stores have no NaN test to skip
+          }
         } else {
           for (int64_t ci = 0; ci < Cg; ci++)
             apply_row<T, ACT>(x + base + ci * HW, y + base + ci * HW, HW, mu, scl[ci], shf[ci], x + base + D + ci * HW);
