@@ -145,6 +145,17 @@ def min_bytes(shape, G: int, dtype: torch.dtype, direction: str) -> int:
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[direction]
 
 
+def warm(impls: dict, x, w, b, dirs, label: str) -> None:
+    """Each implementation once per direction (compiles and caches its kernels), untimed."""
+    for k, fn in impls.items():
+        for direction in dirs:
+            try:
+                time_direction(fn, x, w, b, direction, lambda f: f())
+            except Exception as e:
+                print(f"warm: {k} failed on {label} {direction}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+    torch.cuda.synchronize()
+
+
 def time_direction(fn, x, w, b, direction: str, timer: Timer) -> float:
     if direction == "fwd":
         with torch.no_grad():
@@ -195,7 +206,13 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=None,
                     help="start no new (shape, dtype, layout) case after this many seconds; the "
                          "report says which were left out (fits the sweep into a GPU lease)")
+    ap.add_argument("--warm", action="store_true",
+                    help="run every case once, untimed, and exit: fills Triton's/Inductor's on-disk "
+                         "caches so that a timed run that follows compiles nothing (run several "
+                         "--shard processes at once to compile in parallel)")
+    ap.add_argument("--shard", default="0/1", help="I/N: only every N-th case, starting at the I-th")
     args = ap.parse_args(argv)
+    shard_i, shard_n = (int(v) for v in args.shard.split("/"))
     t_start = time.monotonic()
 
     if not torch.cuda.is_available():
@@ -220,7 +237,7 @@ def main(argv=None) -> int:
     if args.only and len(shapes) != len(set(args.only)):
         _fail(f"unknown shape in --only; known: {[s[0] for s in GPU_SHAPES]}")
 
-    copy_gbs = copy_bandwidth(timer)
+    copy_gbs = copy_bandwidth(timer) if not args.warm else float("nan")
     head = ["# GPU benchmark: groupnorm Triton route", "", *environment(),
             f"- copy bandwidth (1 GiB dst.copy_(src), read + write): {copy_gbs:.0f} GB/s",
             f"- {reps} repetitions, median; L2 flushed: {not args.no_flush}", ""]
@@ -229,12 +246,16 @@ def main(argv=None) -> int:
     table = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     print("\n".join(table), flush=True)
     rows, skipped = [], []
+    case = -1
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
     for name, shape, G in shapes:
         C = shape[1]
         for dname in dtypes:
             dtype = DTYPES[dname]
             for layout in args.layout:
+                case += 1
+                if case % shard_n != shard_i:
+                    continue
                 if args.budget_s is not None and time.monotonic() - t_start > args.budget_s:
                     skipped.append(f"{name} {dname} {layout}")
                     continue
@@ -247,6 +268,9 @@ def main(argv=None) -> int:
                 b = torch.randn(C, dtype=dtype, device="cuda")
                 for act in args.act:
                     impls = make_impls(G, act, not args.no_compile, not args.no_liger)
+                    if args.warm:
+                        warm(impls, x, w, b, args.dir, f"{name} {dname} {layout} {act}")
+                        continue
                     try:
                         with torch.no_grad():
                             err = (impls["ours"](x, w, b).float() - impls["eager"](x, w, b).float()).abs().max().item()
@@ -284,6 +308,9 @@ def main(argv=None) -> int:
                 del x, w, b
                 torch.cuda.empty_cache()
 
+    if args.warm:
+        print(f"warm: done in {time.monotonic() - t_start:.0f} s (shard {args.shard})", flush=True)
+        return 0
     summary = summarize(rows)
     if skipped:
         summary += ["", f"Not measured (past --budget-s {args.budget_s:.0f}): " + ", ".join(skipped)]

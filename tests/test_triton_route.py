@@ -319,12 +319,18 @@ def test_kernels_redefined_when_interpreter_setting_changes(monkeypatch):
 
 
 def test_pick_config_program_shapes():
-    # few big groups (VAE: 1 x 32 groups of 8M values) are split over about 2 waves of SMs
+    # few big groups (VAE: 1 x 32 groups of 8M values) are split over at least 2 waves of SMs,
+    # in chunks of at most MAX_CHUNK values
     c = T.pick_config(1, 32, 8, 1024 * 1024, False, 132)
-    assert c.split > 1 and (c.split - 1) * c.s_chunk < 1024 * 1024 <= c.split * c.s_chunk
-    # many tiny groups (Mask R-CNN head: 512 x 32 groups of 8 x 49) share programs
+    assert c.split * 32 >= 2 * 132 and 8 * c.s_chunk <= T.MAX_CHUNK
+    assert (c.split - 1) * c.s_chunk < 1024 * 1024 <= c.split * c.s_chunk
+    # fewer, smaller groups: the 2-waves rule alone (big-128: 4 x 32 groups of 16 x 16384)
+    assert T.pick_config(4, 32, 16, 128 * 128, False, 132).split == 2
+    # many tiny groups (Mask R-CNN head: 512 x 32 groups of 8 x 49): one group per program
+    # (measured faster than several per program on an H200); `items` still forces sharing
     c = T.pick_config(512, 32, 8, 49, True, 132)
-    assert c.split == 1 and c.items > 1
+    assert c.split == 1 and c.items == 1
+    assert T.pick_config(512, 32, 8, 49, True, 132, items=4).items == 4
     # channels-last tiles span the group's channels (the contiguous axis), NCHW tiles the positions
     assert T.pick_config(16, 32, 60, 1024, True, 132).block_c == 64
     assert T.pick_config(16, 32, 60, 1024, False, 132).block_s == 1024
@@ -338,6 +344,22 @@ def test_pick_config_program_shapes():
     c = T.pick_config(32, 32, 64, 49, False, 132)
     assert c.block_c * c.block_s == 1024 and c.split == 1
     assert T.pick_config(2, 32, 64, 49, False, 132).block_c * T.pick_config(2, 32, 64, 49, False, 132).block_s == 4096
+
+
+def test_sixteen_warps_only_where_measured_faster():
+    big, small = T.BIG_TENSOR, T.BIG_TENSOR - 1
+    tile = T.pick_config(4, 32, 16, 128 * 128, False, 132)  # 4096-element tiles, 8 warps
+    assert tile.num_warps == 8
+    assert T._warps(tile, big, backward=False, fast_bwd=False).num_warps == 16
+    assert T._warps(tile, small, backward=False, fast_bwd=False).num_warps == 8
+    # backward: only the paths measured faster with 16 warps
+    assert T._warps(tile, big, backward=True, fast_bwd=True).num_warps == 16
+    assert T._warps(tile, big, backward=True, fast_bwd=False).num_warps == 8
+    # smaller tiles keep their warps; an explicit override wins
+    few = T.pick_config(32, 32, 64, 49, False, 132)
+    assert T._warps(few, big, backward=False, fast_bwd=False).num_warps == few.num_warps < 8
+    with T.config_override(warps=4):
+        assert T._warps(tile, big, backward=False, fast_bwd=False).num_warps == 8
 
 
 @pytest.mark.parametrize("N,expect", [(1, True), (8, False)], ids=["few-groups", "many-groups"])
@@ -430,6 +452,9 @@ def _compile_cases():
         ((1, 2, 128, 160), 2, bf16, "contiguous", "silu", True, "fp32", {}),   # default split
         ((2, 12, 5, 6), 4, f32, "contiguous", "gelu", False, "same", dict(ITEMS, int64=True)),
         ((2, 12, 5, 6), 4, f16, "strided", "silu", False, "weight", SPLIT),   # act without bias
+        # 16 warps (what big tensors get, see triton_gn._warps): group and pixel-major kernels
+        ((2, 12, 5, 6), 4, bf16, "contiguous", "silu", True, "same", dict(SPLIT, warps=16)),
+        ((2, 40, 6, 5), 4, bf16, "channels_last", None, False, "same", dict(warps=16)),
     ]
 
 

@@ -26,7 +26,7 @@ import importlib
 import math
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator, Optional
 
 import torch
@@ -46,6 +46,12 @@ SMALL_GROUP_TILE = 1024
 # A group is split only into chunks of at least this many elements (smaller groups are
 # launch-bound anyway; the second stage and the partials would cost more than they save).
 MIN_CHUNK = 8192
+# ... and, when few groups are split, into chunks of at most this many (more, smaller
+# programs keep more loads in flight: VAE (1, 256, 1024, 1024) bf16 NCHW on an H200 forward
+# 0.70 -> 0.59 ms, backward 0.78 -> 0.67 ms with 32 chunks per group instead of 9).
+MAX_CHUNK = 1 << 18
+# Tensors of at least this many bytes run their 4096-element tiles with 16 warps (see _warps).
+BIG_TENSOR = 32 << 20
 _INT32_MAX = 2**31 - 1
 
 
@@ -89,11 +95,11 @@ _override: dict = {}
 @contextlib.contextmanager
 def config_override(**fields) -> Iterator[None]:
     """Force parts of the launch configuration in the block: ``split``, ``items``, ``tile``
-    (see :func:`pick_config`), ``int64`` (64-bit offsets even for small tensors) and
-    ``pixel_major`` (True/False: use or avoid the channels-last pixel-major kernels where
-    they apply)."""
+    (see :func:`pick_config`), ``warps`` (warps per program), ``int64`` (64-bit offsets even
+    for small tensors) and ``pixel_major`` (True/False: use or avoid the channels-last
+    pixel-major kernels where they apply)."""
     global _override
-    bad = set(fields) - {"split", "items", "tile", "int64", "pixel_major"}
+    bad = set(fields) - {"split", "items", "tile", "warps", "int64", "pixel_major"}
     if bad:
         raise TypeError(f"config_override: unknown fields {sorted(bad)}")
     prev, _override = _override, {**_override, **fields}
@@ -123,10 +129,11 @@ def pick_config(N: int, G: int, Cg: int, S: int, channel_contiguous: bool, num_s
     * Tile: up to ``tile`` elements; the contiguous axis gets the long side (all Cg channels
       of a pixel for channels-last, a run of positions for NCHW).
     * Few big groups (N*G below 2 * #SMs): each group is split along its positions so that
-      about 2 * #SMs programs run (tiles get shorter along the positions if needed; never
-      more chunks than tiles).
-    * Many small groups (one tile each, N*G above 4 programs per SM): several groups per
-      program, to amortize the per-program cost.
+      at least 2 * #SMs programs run, each on at most MAX_CHUNK values (tiles get shorter
+      along the positions if needed; never more chunks than tiles).
+    * One group per program otherwise. (Several tiny groups per program, ``items > 1``, was
+      the default for many one-tile groups until an H200 measured one per program 1.05-1.25x
+      faster on Mask R-CNN's head; it stays available through ``items``.)
     ``split``/``items``/``tile`` (or :func:`config_override`) force the choice.
     """
     split = _override.get("split", split)
@@ -138,7 +145,8 @@ def pick_config(N: int, G: int, Cg: int, S: int, channel_contiguous: bool, num_s
         # (benchmarks/results/gpu-h100_probe_2026-11-25.md): ResNet-50 stage 5 (32, 2048, 7, 7)
         # bf16 fwd 0.030 -> 0.020 ms, bwd 0.047 -> 0.037 ms; (32, 64, 32, 32) fwd 0.011 -> 0.009 ms
         tile = SMALL_GROUP_TILE
-    return _pick(N, G, Cg, S, bool(channel_contiguous), num_sms, split, items, tile or TILE)
+    cfg = _pick(N, G, Cg, S, bool(channel_contiguous), num_sms, split, items, tile or TILE)
+    return replace(cfg, num_warps=_override["warps"]) if "warps" in _override else cfg
 
 
 @functools.lru_cache(maxsize=4096)
@@ -157,7 +165,7 @@ def _pick(N: int, G: int, Cg: int, S: int, channel_contiguous: bool, num_sms: in
         block_c = max(1, min(pc, tile // block_s))
     NG = N * G
     if split is None:
-        split = _cdiv(2 * num_sms, NG) if NG < 2 * num_sms else 1
+        split = max(_cdiv(2 * num_sms, NG), _cdiv(group, MAX_CHUNK)) if NG < 2 * num_sms else 1
         split = max(1, min(split, group // MIN_CHUNK))
     if split > 1 and _cdiv(S, block_s) < split:
         # shorter tiles along the positions so that the group can be cut into `split`
@@ -170,14 +178,24 @@ def _pick(N: int, G: int, Cg: int, S: int, channel_contiguous: bool, num_sms: in
     split = max(1, min(split, max_split))
     s_chunk = _cdiv(_cdiv(max(S, 1), split), block_s) * block_s
     split = _cdiv(max(S, 1), s_chunk)  # every chunk non-empty
-    if items is None:
-        items = 1
-        if split == 1 and group <= tile and NG > 4 * num_sms:
-            items = max(1, min(8, NG // (4 * num_sms)))
-    items = max(1, items)
+    items = max(1, items or 1)
     elems = block_c * block_s
     num_warps = 8 if elems >= 4096 else 4 if elems >= 1024 else 2 if elems >= 256 else 1
     return Config(split, items, block_c, block_s, s_chunk, num_warps)
+
+
+def _warps(cfg, nbytes: int, backward: bool, fast_bwd: bool):
+    """``cfg`` with 16 warps instead of 8 where that measured faster on an H200
+    (benchmarks/results/gpu-h200_probe_2026-11-26.md): 4096-element tiles of tensors of at
+    least BIG_TENSOR bytes (their groups span many tiles), so that more loads are in
+    flight per SM (1.05-1.24x on VAE, 3-D UNet, (4, 512, 128, 128) and ResNet-50 stage 2
+    forwards). Backwards only where ``fast_bwd`` (the pixel-major kernels; NCHW split groups
+    in 16-bit dtypes): the group kernels' backward on channels-last, the one-kernel NCHW
+    backward and fp32 split backwards measured 0.91-0.99x. ``warps`` in
+    :func:`config_override` wins."""
+    if "warps" in _override or cfg.num_warps != 8 or nbytes < BIG_TENSOR or (backward and not fast_bwd):
+        return cfg
+    return replace(cfg, num_warps=16)
 
 
 # Channels-last inputs up to this many channels (padded to a power of 2) may use the
@@ -215,7 +233,8 @@ def use_pixel_major(t: Tensor, C: int, Cg: int, S: int) -> bool:
 def pick_cl_config(N: int, C: int, S: int, num_sms: int) -> ClConfig:
     split = _override.get("split")
     tile = _override.get("tile") or TILE
-    return _pick_cl(N, C, S, num_sms, split, tile)
+    cfg = _pick_cl(N, C, S, num_sms, split, tile)
+    return replace(cfg, num_warps=_override["warps"]) if "warps" in _override else cfg
 
 
 @functools.lru_cache(maxsize=1024)
@@ -338,6 +357,7 @@ def _forward(x, weight, bias, residual, G, eps, activation, y, s, mean, rstd):
                              activation, int64)
         return y, mean, rstd, s
     cfg = pick_config(N, G, Cg, S, xv.stride(1) == 1 and S > 1, _num_sms(x.device))
+    cfg = _warps(cfg, x.numel() * x.element_size(), backward=False, fast_bwd=False)
     NG = N * G
     w = weight.contiguous() if weight is not None else xv  # the kernels index parameters densely
     b = bias.contiguous() if bias is not None else xv
@@ -405,6 +425,8 @@ def _backward(dy, dsum, xs, weight, bias, mean, rstd, G, activation, dx, dw, db)
         _launch_dwdb(K, dwp, dbp, C, weight, bias, dw, db)
         return
     cfg = pick_config(N, G, Cg, S, xsv.stride(1) == 1 and S > 1, _num_sms(xs.device))
+    cfg = _warps(cfg, xs.numel() * xs.element_size(), backward=True,
+                 fast_bwd=cfg.split > 1 and xsv.stride(2) == 1 and xs.element_size() == 2)
     NG = N * G
     rows = N * cfg.split
     dwp = torch.empty((rows, C), dtype=torch.float32, device=xs.device)
@@ -448,7 +470,8 @@ def _launch_dwdb(K, dwp, dbp, C, weight, bias, dw, db):
 
 
 def _forward_pixel_major(K, xv, rv, yv, sv, weight, bias, mean, rstd, N, G, Cg, C, S, eps, activation, int64):
-    cfg = pick_cl_config(N, C, S, _num_sms(xv.device))
+    cfg = _warps(pick_cl_config(N, C, S, _num_sms(xv.device)), xv.numel() * xv.element_size(),
+                 backward=False, fast_bwd=False)
     part = torch.empty((N * G * cfg.split, 3), dtype=torch.float32, device=xv.device)
     grid = (N * cfg.split,)
     K._gn_cl_fwd_stats[grid](
@@ -471,7 +494,8 @@ def _forward_pixel_major(K, xv, rv, yv, sv, weight, bias, mean, rstd, N, G, Cg, 
 
 def _backward_pixel_major(K, dyv, xsv, dsv, dxv, w, b, has_w, has_b, mean, rstd, N, G, Cg, C, S,
                           activation, int64):
-    cfg = pick_cl_config(N, C, S, _num_sms(xsv.device))
+    cfg = _warps(pick_cl_config(N, C, S, _num_sms(xsv.device)), xsv.numel() * xsv.element_size(),
+                 backward=True, fast_bwd=True)
     rows = N * cfg.split
     dwp = torch.empty((rows, C), dtype=torch.float32, device=xsv.device)
     dbp = torch.empty((rows, C), dtype=torch.float32, device=xsv.device)
