@@ -99,6 +99,7 @@ def main():
             eb = lambda: torch.autograd.grad(yg, (xg, wg, bg), dy, retain_graph=True)
             N, C_, Cg, S = T._geometry(x, G)
             xv = T._ncs(x, N, C, S)
+            # the printed configuration is pick_config's, before triton_gn._warps (16 warps for big tensors)
             if T.use_pixel_major(xv, C, Cg, S):
                 dcfg = T.pick_cl_config(N, C, S, T._num_sms(x.device))
             else:
