@@ -3,7 +3,7 @@
     python benchmarks/bench_cpu.py                # full table (markdown) on stdout
     python benchmarks/bench_cpu.py --quick        # fewer repetitions
     python benchmarks/bench_cpu.py --only big-128 --dtype bf16 --layout cl
-    python benchmarks/bench_cpu.py --memory       # peak-memory comparison (subprocesses)
+    python benchmarks/bench_cpu.py --memory       # peak-memory comparison (subprocesses, median of 5 per cell)
     python benchmarks/bench_cpu.py --overhead     # per-call cost on small tensors (OVERHEAD_SHAPES)
 
 Shapes: ``benchmarks/shapes.py`` (CPU_SHAPES), each in fp32/bf16 x NCHW/channels-last, rows:
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import platform
 import statistics
@@ -266,7 +267,12 @@ fn = (lambda: groupnorm.group_norm(x, G, w, b)) if impl == "ours" else (lambda: 
 # gradient tensor): loads the extension and pays the autograd engine's one-time costs (~34 MiB
 # of RSS on the first backward with an explicit gradient, as much for torch as for ours), so
 # the measured growth is the call's own memory
-small = torch.randn(2, shape[1], 4, 4, dtype=dtype, requires_grad=True)
+# (in the cell's layout: the channels-last kernels allocate their per-thread scratch in the
+# OpenMP threads, whose malloc arenas a first call creates)
+small = torch.randn(2, shape[1], *([4] * (len(shape) - 2)), dtype=dtype)
+if layout == "cl":
+    small = small.contiguous(memory_format=torch.channels_last if len(shape) == 4 else torch.channels_last_3d)
+small.requires_grad_(True)
 (groupnorm.group_norm(small, G, w, b) if impl == "ours" else F.group_norm(small, G, w, b)).backward(torch.randn_like(small))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 fn().backward(dy)
@@ -275,23 +281,27 @@ print((after - before) / 1024)
 """
 
 
-def memory_rows(shapes):
-    """Peak RSS growth (MiB) of one forward+backward in a fresh process: ours vs torch."""
-    lines = ["| shape | dtype | layout | ours peak +MiB | torch peak +MiB | tensor MiB |", "|---|---|---|---:|---:|---:|"]
+def memory_rows(shapes, reps: int = 5):
+    """Peak RSS growth (MiB) of one forward+backward in a fresh process: ours vs torch.
+
+    The growth comes in steps of 128 KiB (the heap grows and mmaps in such steps), so one
+    process per cell moves by +-0.125 MiB for either implementation: each cell is measured
+    ``reps`` times (fresh processes, ours and torch alternating) and the medians are shown."""
+    lines = ["| shape | dtype | layout | ours peak +MiB | torch peak +MiB | ours - torch MiB | tensor MiB |",
+             "|---|---|---|---:|---:|---:|---:|"]
     for name, shape, G in shapes:
         for dt in ("float32", "bfloat16"):
             for layout in ("nchw", "cl"):
-                res = {}
-                for impl in ("ours", "torch"):
-                    code = _MEM_CHILD.format(bench=str(Path(__file__).resolve().parent),
-                                             args=(shape, G, dt, layout, impl))
-                    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-                    res[impl] = float(p.stdout.strip().splitlines()[-1])
-                numel = 1
-                for s in shape:
-                    numel *= s
-                mib = numel * (4 if dt == "float32" else 2) / 2**20
-                lines.append(f"| {name} {shape} | {dt} | {layout} | {res['ours']:.1f} | {res['torch']:.1f} | {mib:.1f} |")
+                res = {"ours": [], "torch": []}
+                for _ in range(reps):
+                    for impl in ("ours", "torch"):
+                        code = _MEM_CHILD.format(bench=str(Path(__file__).resolve().parent),
+                                                 args=(shape, G, dt, layout, impl))
+                        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+                        res[impl].append(float(p.stdout.strip().splitlines()[-1]))
+                mo, mt = statistics.median(res["ours"]), statistics.median(res["torch"])
+                mib = math.prod(shape) * (4 if dt == "float32" else 2) / 2**20
+                lines.append(f"| {name} {shape} | {dt} | {layout} | {mo:.2f} | {mt:.2f} | {mo - mt:+.2f} | {mib:.1f} |")
     return "\n".join(lines)
 
 
@@ -339,7 +349,7 @@ def main():
     shapes = [s for s in CPU_SHAPES if a.only is None or s[0] in a.only.split(",")]
     if a.memory:
         print(header())
-        print(memory_rows(shapes))
+        print(memory_rows(shapes, a.reps or 5))
         return
     if a.overhead:
         gcpu.load_extension()
