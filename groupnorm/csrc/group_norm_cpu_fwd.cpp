@@ -405,14 +405,18 @@ void fwd_cl(const T* x, const T* r, T* s, T* y, const AccT<T>* w, const AccT<T>*
       // sub-block's pixels, k_g = the group's mean so far (first sub-block: the mean of its
       // first <= 8 pixels' values of the group), M2 = sum(d^2) - sum(d)^2 / count.
       const int64_t hp = std::min<int64_t>(nq, 8);
+      if (sc.gcnt[0] == 0) {
+        // (every group is new in a task's first sub-block) per-channel sums of the first hp
+        // pixels as vectors, then per group: a scalar chain over hp * Cg values per group
+        // here was 14% of the statistics sweep on (1, 320, 64, 64) (16 tasks of 256 pixels)
+        for_vec<kV>(C, [&](int64_t c, int64_t k) {
+          V a = ld(src + c, k);
+          for (int64_t pp = 1; pp < hp; pp++) a += ld(src + pp * C + c, k);
+          sta(sumc + c, a, k);
+        });
+      }
       for (int64_t g = 0; g < G; g++) {
-        S k = sc.gmean[g];
-        if (sc.gcnt[g] == 0) {
-          k = 0;
-          for (int64_t pp = 0; pp < hp; pp++)
-            for (int64_t ci = 0; ci < Cg; ci++) k += static_cast<S>(src[pp * C + g * Cg + ci]);
-          k /= S(hp * Cg);
-        }
+        const S k = sc.gcnt[g] == 0 ? fold_groups(sumc, g) / S(hp * Cg) : sc.gmean[g];
         for (int64_t ci = 0; ci < Cg; ci++) meanc[g * Cg + ci] = k;
       }
       repeat_rows(meanc, C, R);
