@@ -159,11 +159,40 @@ def main():
             except Exception as e:  # a prototype on Triton internals: report, do not abort
                 direct = f"failed: {type(e).__name__}: {str(e)[:120]}"
         print(f"| {k} | {real:.1f} | {stub} | {direct} |", flush=True)
+    launch_costs(rows)
     # the direct launches must compute the same thing (same compiled kernels, same arguments)
     try:
         check_direct(x, w, b, xr, dy)
     except Exception as e:
         print(f"direct launches failed: {type(e).__name__}: {e}")
+
+
+def launch_costs(rows: dict) -> None:
+    """Host cost of each kernel's launch, alone: the call with every other kernel stubbed
+    minus the call with all stubbed (the backward's launches measured ~3x the forward's on
+    an H200 VM, 2026-11-26: this says which)."""
+    K = T._kernels()
+    names = [n for n in dir(K) if n.startswith("_gn_") and hasattr(getattr(K, n), "run")]
+    print("\n| call | kernel | launch host cost, us |\n|---|---|---|")
+    for k in ("launcher T.forward", "groupnorm fwd+bwd (autograd)"):
+        fn = rows[k]
+        with stubbed_launches():
+            base = host_us(fn)
+        for n in names:
+            calls = []
+            orig = getattr(K, n)
+
+            class _Count:  # does this call launch kernel n at all?
+                def __getitem__(self, grid):
+                    return lambda *a, **kw: calls.append(n)
+            with stubbed_launches():
+                setattr(K, n, _Count())
+                fn()
+                setattr(K, n, orig)
+            if not calls:
+                continue
+            with stubbed_launches(keep=(n,)):
+                print(f"| {k} | {n} x{len(calls)} | {host_us(fn) - base:.1f} |", flush=True)
 
 
 def check_direct(x, w, b, xr, dy):
@@ -259,11 +288,12 @@ def direct_launches():
 
 
 @contextlib.contextmanager
-def stubbed_launches():
-    """Every Triton kernel of the route replaced by a no-op: what is left of a call's host
-    time is the launcher's own Python, allocations and autograd, not Triton's launch path."""
+def stubbed_launches(keep=()):
+    """Every Triton kernel of the route replaced by a no-op (except those named in ``keep``):
+    what is left of a call's host time is the launcher's own Python, allocations and autograd
+    (plus the kept kernels' launches), not Triton's launch path."""
     K = T._kernels()
-    saved = {n: getattr(K, n) for n in dir(K) if n.startswith("_gn_")}
+    saved = {n: getattr(K, n) for n in dir(K) if n.startswith("_gn_") and n not in keep}
 
     class _NoLaunch:
         def __getitem__(self, grid):
