@@ -2,6 +2,6 @@
 
 import sys
 
-from groupnorm.cli import main
+from groupnorm.cli import run
 
-sys.exit(main())
+sys.exit(run())
