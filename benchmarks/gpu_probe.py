@@ -224,7 +224,7 @@ def heuristics(variant: dict):
         old = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = old
         spec.loader.exec_module(old)
-    saved = T.pick_config, T.pick_cl_config, getattr(T, "_warps", None)
+    saved = T.pick_config, T.pick_cl_config, T._warps
     T.pick_config, T.pick_cl_config = old.pick_config, old.pick_cl_config
     T._warps = lambda cfg, *a, **k: cfg
     try:
@@ -275,38 +275,34 @@ class _Direct:
 
 
 @contextlib.contextmanager
-def direct_launches():
+def _replaced_kernels(wrap, keep=()):
+    """Every Triton kernel of the route (but those named in ``keep``) replaced by ``wrap(kernel)``
+    for the block, then restored."""
     K = T._kernels()
-    saved = {n: getattr(K, n) for n in dir(K) if n.startswith("_gn_")}
+    saved = {n: getattr(K, n) for n in dir(K) if n.startswith("_gn_") and n not in keep}
     try:
         for n, f in saved.items():
-            setattr(K, n, _Direct(f))
+            setattr(K, n, wrap(f))
         yield
     finally:
         for n, f in saved.items():
             setattr(K, n, f)
 
 
-@contextlib.contextmanager
+class _NoLaunch:
+    def __getitem__(self, grid):
+        return lambda *a, **k: None
+
+
+def direct_launches():
+    return _replaced_kernels(_Direct)
+
+
 def stubbed_launches(keep=()):
     """Every Triton kernel of the route replaced by a no-op (except those named in ``keep``):
     what is left of a call's host time is the launcher's own Python, allocations and autograd
     (plus the kept kernels' launches), not Triton's launch path."""
-    K = T._kernels()
-    saved = {n: getattr(K, n) for n in dir(K) if n.startswith("_gn_") and n not in keep}
-
-    class _NoLaunch:
-        def __getitem__(self, grid):
-            return lambda *a, **k: None
-
-    try:
-        for n in saved:
-            setattr(K, n, _NoLaunch())
-        yield
-    finally:
-        for n, f in saved.items():
-            setattr(K, n, f)
-
+    return _replaced_kernels(lambda f: _NoLaunch(), keep)
 
 if __name__ == "__main__":
     main()

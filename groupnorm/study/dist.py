@@ -47,12 +47,12 @@ def init_from_env(device: str = "cpu") -> bool:
 def shutdown(finished: bool = True) -> None:
     """Destroy the process group (if any) before the interpreter exits.
 
-    ``finished``: every rank got to the end (then they first meet at a barrier). Without it,
-    rank 1 could tear gloo down while rank 0 was still writing the report, and a rank
-    sometimes aborted after all the work was done ("terminate called without an active
-    exception", exit code -6: twice in clean-clone CI runs under load, with the destroy but
-    no barrier the second time). After an error on one rank the others may never arrive,
-    so then there is no barrier.
+    ``finished``: every rank got to the end (then they first meet at a barrier, so that no
+    rank tears gloo down while rank 0 still writes the report). After an error on one rank
+    the others may never arrive, so then there is no barrier. A rank could still abort in a
+    C++ destructor at interpreter exit after all this ("terminate called without an active
+    exception", exit code -6, seen once more with the barrier): the console entry point
+    ends torchrun workers with ``os._exit`` (:func:`groupnorm.cli.run`).
     """
     if is_dist():
         if finished:
