@@ -160,6 +160,8 @@ def main():
                 direct = f"failed: {type(e).__name__}: {str(e)[:120]}"
         print(f"| {k} | {real:.1f} | {stub} | {direct} |", flush=True)
     launch_costs(rows)
+    launch_anatomy()
+    launch_timing(x, w, b, xr, dy)
     # the direct launches must compute the same thing (same compiled kernels, same arguments)
     try:
         check_direct(x, w, b, xr, dy)
@@ -193,6 +195,96 @@ def launch_costs(rows: dict) -> None:
                 continue
             with stubbed_launches(keep=(n,)):
                 print(f"| {k} | {n} x{len(calls)} | {host_us(fn) - base:.1f} |", flush=True)
+
+
+def launch_anatomy() -> None:
+    """Where one Triton launch's host time goes: an empty kernel of 12 arguments launched with
+    12 tensors, 1 tensor + 11 ints and 12 ints (Triton's launcher asks the driver about every
+    tensor argument with cuPointerGetAttribute), that driver call alone through ctypes, a
+    1-element torch op and a small CUDA allocation (the launcher's partial buffers)."""
+    import ctypes
+
+    import triton
+    import triton.language as tl
+    globals().setdefault("tl", tl)  # Triton resolves the kernel's names in the module's globals
+
+    @triton.jit
+    def _empty(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, N: tl.constexpr):
+        pass
+
+    t = [torch.empty(64, device="cuda") for _ in range(12)]
+    ints = list(range(3, 15))
+    rows = {
+        "empty kernel, 12 tensor args": lambda: _empty[(1,)](*t, N=1),
+        "empty kernel, 1 tensor + 11 int args": lambda: _empty[(1,)](t[0], *ints[1:], N=1),
+        "empty kernel, 12 int args": lambda: _empty[(1,)](*ints, N=1),
+        "torch: t.add_(1) (1 launch)": lambda: t[0].add_(1),
+        "torch.empty(4096 fp32, cuda)": lambda: torch.empty(4096, device="cuda"),
+        "t.data_ptr() x12": lambda: [a.data_ptr() for a in t],
+    }
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+        val, ptr = ctypes.c_uint64(), ctypes.c_uint64(t[0].data_ptr())
+        rows["cuPointerGetAttribute (ctypes) x12"] = lambda: [cuda.cuPointerGetAttribute(ctypes.byref(val), 2, ptr) for _ in range(12)]
+        rows["ctypes no-op baseline x12 (cuDriverGetVersion)"] = lambda: [cuda.cuDriverGetVersion(ctypes.byref(val)) for _ in range(12)]
+    except OSError as e:
+        print(f"<!-- libcuda via ctypes: {e} -->")
+    print("\n| launch anatomy (host, no sync) | us |\n|---|---|")
+    for k, fn in rows.items():
+        try:
+            print(f"| {k} | {host_us(fn, reps=400):.2f} |", flush=True)
+        except Exception as e:  # report, do not abort the probe
+            print(f"| {k} | failed: {type(e).__name__}: {str(e)[:120]} |", flush=True)
+
+
+def launch_timing(x, w, b, xr, dy) -> None:
+    """Each kernel launch's own wall time (perf_counter around ``kernel[grid](...)``) in a real
+    call: inside autograd's backward (its CUDA worker thread) and through the launcher called
+    on the main thread; then a cProfile of the launcher's backward on the main thread."""
+    import collections
+    import cProfile
+    import pstats
+
+    times = collections.defaultdict(list)
+
+    class _Timed:
+        def __init__(self, jit):
+            self.jit, self.name = jit, jit.fn.__name__
+
+        def __getitem__(self, grid):
+            f = self.jit[grid]
+
+            def call(*a, **k):
+                t = time.perf_counter()
+                f(*a, **k)
+                times[self.name].append(time.perf_counter() - t)
+            return call
+
+    y, mean, rstd, s = T.forward(x, w, b, None, 32, 1e-5, "none")
+    s = s if s is not None else x  # the saved input of the backward (no activation: x itself)
+    calls = {
+        "autograd fwd+bwd": lambda: torch.autograd.grad(groupnorm.group_norm(xr, 32, w, b), [xr], dy),
+        "launcher T.forward + T.backward (main thread)": lambda: (
+            T.forward(x, w, b, None, 32, 1e-5, "none"), T.backward(dy, None, s, w, b, mean, rstd, 32, "none")),
+    }
+    print("\n| call | kernel | launch wall time, median us | n |\n|---|---|---|---|")
+    for k, fn in calls.items():
+        times.clear()
+        with _replaced_kernels(_Timed):
+            host_us(fn, reps=100)
+        for n, v in sorted(times.items()):
+            print(f"| {k} | {n} | {1e6 * statistics.median(v):.1f} | {len(v)} |", flush=True)
+    fn = lambda: T.backward(dy, None, s, w, b, mean, rstd, 32, "none")  # noqa: E731
+    host_us(fn, reps=20)
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(100):
+        fn()
+    pr.disable()
+    torch.cuda.synchronize()
+    print("\ncProfile, 100 x T.backward (main thread), by own time:\n```")
+    pstats.Stats(pr, stream=sys.stdout).sort_stats("tottime").print_stats(22)
+    print("```")
 
 
 def check_direct(x, w, b, xr, dy):

@@ -189,9 +189,10 @@ def _warps(cfg, nbytes: int, backward: bool, fast_bwd: bool):
     (benchmarks/results/gpu-h200_probe_2026-11-26.md): 4096-element tiles of tensors of at
     least BIG_TENSOR bytes (their groups span many tiles), so that more loads are in
     flight per SM (1.05-1.24x on VAE, 3-D UNet, (4, 512, 128, 128) and ResNet-50 stage 2
-    forwards). Backwards only where ``fast_bwd`` (the pixel-major kernels; NCHW split groups
-    in 16-bit dtypes): the group kernels' backward on channels-last, the one-kernel NCHW
-    backward and fp32 split backwards measured 0.91-0.99x. ``warps`` in
+    forwards). Backwards only where ``fast_bwd`` (the pixel-major kernels, but for 16-bit
+    dtypes with SiLU fused; NCHW split groups in 16-bit dtypes): the group kernels' backward on
+    channels-last, the one-kernel NCHW backward, fp32 split backwards (0.91-0.99x) and the
+    16-bit pixel-major backward with SiLU (0.79-0.89x) measured slower. ``warps`` in
     :func:`config_override` wins."""
     if "warps" in _override or cfg.num_warps != 8 or nbytes < BIG_TENSOR or (backward and not fast_bwd):
         return cfg
@@ -492,10 +493,17 @@ def _forward_pixel_major(K, xv, rv, yv, sv, weight, bias, mean, rstd, N, G, Cg, 
         BLOCK_P=cfg.block_p, BLOCK_CC=cfg.block_cc, INT64=int64, num_warps=cfg.num_warps)
 
 
+def pixel_major_bwd_wants_16_warps(activation: str, itemsize: int) -> bool:
+    """16 warps on >= 32 MiB tensors measured 1.08-1.20x on the plain pixel-major backward and
+    1.12-1.38x on fp32 with SiLU, but 0.79-0.89x on 16-bit dtypes with SiLU (H200,
+    benchmarks/results/gpu-h200_2026-11-26b.md)."""
+    return activation == "none" or itemsize == 4
+
+
 def _backward_pixel_major(K, dyv, xsv, dsv, dxv, w, b, has_w, has_b, mean, rstd, N, G, Cg, C, S,
                           activation, int64):
     cfg = _warps(pick_cl_config(N, C, S, _num_sms(xsv.device)), xsv.numel() * xsv.element_size(),
-                 backward=True, fast_bwd=True)
+                 backward=True, fast_bwd=pixel_major_bwd_wants_16_warps(activation, xsv.element_size()))
     rows = N * cfg.split
     dwp = torch.empty((rows, C), dtype=torch.float32, device=xsv.device)
     dbp = torch.empty((rows, C), dtype=torch.float32, device=xsv.device)
