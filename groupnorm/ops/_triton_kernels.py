@@ -71,7 +71,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 #
 # The interpreter pays a lot for each call of a @jit helper and for each int32 operation
 # (it checks them for overflow), so per-tile work is written inline: offsets are built as a
-# per-channel row offset (once per channel block) plus a per-position column offset.
+# per-channel row offset (once per channel block) plus a per-position column offset. The
+# shared helpers (_group_channels, _channel_params) run once per channel block, not per tile.
 
 # The interpreter converts fp32 to bf16 by truncation, the GPU (cvt.rn) rounds to nearest
 # even; under the interpreter bf16 outputs are rounded by bit arithmetic instead, so the
@@ -115,6 +116,36 @@ def _act_grad(z, ACT: tl.constexpr):
 
 
 @triton.jit
+def _group_channels(g, Cg, c0, BLOCK_C: tl.constexpr, CG_DIV: tl.constexpr, EVEN_C: tl.constexpr):
+    """Channel block ``c0`` of group ``g``: (mask, channel indices). The hints let channels-last
+    tiles use vector loads: the group's first channel is a multiple of CG_DIV, and with EVEN_C
+    the blocks tile the group exactly (no mask)."""
+    gc = g * Cg
+    if CG_DIV > 1:
+        gc = tl.multiple_of(gc, CG_DIV)
+    cc = tl.multiple_of(c0, BLOCK_C) + tl.arange(0, BLOCK_C)
+    if EVEN_C:
+        cmask = tl.full([BLOCK_C], 1, tl.int1)
+    else:
+        cmask = cc < Cg
+    return cmask, gc + cc
+
+
+@triton.jit
+def _channel_params(W, B, ch, cmask, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """fp32 (w, b) of channels ``ch``: absent weight = 1, absent bias = 0 (masked lanes 0)."""
+    if HAS_W:
+        wv = tl.load(W + ch, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        wv = tl.where(cmask, 1.0, 0.0)
+    if HAS_B:
+        bv = tl.load(B + ch, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        bv = tl.where(cmask, 0.0, 0.0)
+    return wv, bv
+
+
+@triton.jit
 def _merge_partials(PART, base, count, BLOCK_SPLIT: tl.constexpr):
     """Chan merge of ``count`` (cnt, mean, M2) triples at PART[base:base+3*count] -> (mean, var)."""
     j = tl.arange(0, BLOCK_SPLIT)
@@ -146,16 +177,8 @@ def _fwd_stats_chunk(
     m2 = tl.full([BLOCK_C, BLOCK_S], 0.0, tl.float32)
     if INT64:
         n = n.to(tl.int64)
-    gc = g * Cg  # first channel of the group
-    if CG_DIV > 1:
-        gc = tl.multiple_of(gc, CG_DIV)
     for c0 in range(0, Cg, BLOCK_C):
-        cc = tl.multiple_of(c0, BLOCK_C) + tl.arange(0, BLOCK_C)
-        if EVEN_C:  # no channel mask: vector loads along channels (channels-last)
-            cmask = tl.full([BLOCK_C], 1, tl.int1)
-        else:
-            cmask = cc < Cg
-        ch = gc + cc
+        cmask, ch = _group_channels(g, Cg, c0, BLOCK_C, CG_DIV, EVEN_C)
         if INT64:
             ch = ch.to(tl.int64)
         xrow = n * x_sn + ch * x_sc
@@ -201,24 +224,10 @@ def _fwd_norm_chunk(
     """Y = act((XS - mean) * rstd * w + b) over positions [s_lo, s_hi) of group (n, g)."""
     if INT64:
         n = n.to(tl.int64)
-    gc = g * Cg  # first channel of the group
-    if CG_DIV > 1:
-        gc = tl.multiple_of(gc, CG_DIV)
     for c0 in range(0, Cg, BLOCK_C):
-        cc = tl.multiple_of(c0, BLOCK_C) + tl.arange(0, BLOCK_C)
-        if EVEN_C:  # no channel mask: vector loads along channels (channels-last)
-            cmask = tl.full([BLOCK_C], 1, tl.int1)
-        else:
-            cmask = cc < Cg
-        ch = gc + cc
-        if HAS_W:
-            a = tl.load(W + ch, mask=cmask, other=0.0).to(tl.float32) * rstd
-        else:
-            a = tl.full([BLOCK_C], 0.0, tl.float32) + rstd
-        if HAS_B:
-            b = tl.load(B + ch, mask=cmask, other=0.0).to(tl.float32)
-        else:
-            b = tl.full([BLOCK_C], 0.0, tl.float32)
+        cmask, ch = _group_channels(g, Cg, c0, BLOCK_C, CG_DIV, EVEN_C)
+        wv, b = _channel_params(W, B, ch, cmask, HAS_W, HAS_B)
+        a = wv * rstd
         if INT64:
             ch = ch.to(tl.int64)
         srow = n * s_sn + ch * s_sc
@@ -364,24 +373,9 @@ def _bwd_chunk_sums(
     t_b = tl.full([], 0.0, tl.float32)
     if INT64:
         n = n.to(tl.int64)
-    gc = g * Cg  # first channel of the group
-    if CG_DIV > 1:
-        gc = tl.multiple_of(gc, CG_DIV)
     for c0 in range(0, Cg, BLOCK_C):
-        cc = tl.multiple_of(c0, BLOCK_C) + tl.arange(0, BLOCK_C)
-        if EVEN_C:  # no channel mask: vector loads along channels (channels-last)
-            cmask = tl.full([BLOCK_C], 1, tl.int1)
-        else:
-            cmask = cc < Cg
-        ch = gc + cc
-        if HAS_W:
-            wv = tl.load(W + ch, mask=cmask, other=0.0).to(tl.float32)
-        else:
-            wv = tl.where(cmask, 1.0, 0.0)
-        if HAS_B:
-            bv = tl.load(B + ch, mask=cmask, other=0.0).to(tl.float32)
-        else:
-            bv = tl.full([BLOCK_C], 0.0, tl.float32)
+        cmask, ch = _group_channels(g, Cg, c0, BLOCK_C, CG_DIV, EVEN_C)
+        wv, bv = _channel_params(W, B, ch, cmask, HAS_W, HAS_B)
         prow_off = prow.to(tl.int64) * C + ch
         if INT64:
             ch = ch.to(tl.int64)
@@ -421,24 +415,9 @@ def _bwd_dx_chunk(
     """DX = rstd * (dxhat - c1 - xhat * c2) (+ DSUM) over [s_lo, s_hi) of group (n, g)."""
     if INT64:
         n = n.to(tl.int64)
-    gc = g * Cg  # first channel of the group
-    if CG_DIV > 1:
-        gc = tl.multiple_of(gc, CG_DIV)
     for c0 in range(0, Cg, BLOCK_C):
-        cc = tl.multiple_of(c0, BLOCK_C) + tl.arange(0, BLOCK_C)
-        if EVEN_C:  # no channel mask: vector loads along channels (channels-last)
-            cmask = tl.full([BLOCK_C], 1, tl.int1)
-        else:
-            cmask = cc < Cg
-        ch = gc + cc
-        if HAS_W:
-            wv = tl.load(W + ch, mask=cmask, other=0.0).to(tl.float32)
-        else:
-            wv = tl.full([BLOCK_C], 1.0, tl.float32)
-        if HAS_B:
-            bv = tl.load(B + ch, mask=cmask, other=0.0).to(tl.float32)
-        else:
-            bv = tl.full([BLOCK_C], 0.0, tl.float32)
+        cmask, ch = _group_channels(g, Cg, c0, BLOCK_C, CG_DIV, EVEN_C)
+        wv, bv = _channel_params(W, B, ch, cmask, HAS_W, HAS_B)
         if INT64:
             ch = ch.to(tl.int64)
         xrow = n * xs_sn + ch * xs_sc
@@ -567,20 +546,9 @@ def _gn_bwd_dx(
             t_b = tl.full([], 0.0, tl.float32)
             j = tl.arange(0, BLOCK_SPLIT)
             jm = j < SPLIT
-            gc = g * Cg  # first channel of the group
-            if CG_DIV > 1:
-                gc = tl.multiple_of(gc, CG_DIV)
             for c0 in range(0, Cg, BLOCK_C):
-                cc = tl.multiple_of(c0, BLOCK_C) + tl.arange(0, BLOCK_C)
-                if EVEN_C:  # no channel mask: vector loads along channels (channels-last)
-                    cmask = tl.full([BLOCK_C], 1, tl.int1)
-                else:
-                    cmask = cc < Cg
-                ch = gc + cc
-                if HAS_W:
-                    wv = tl.load(W + ch, mask=cmask, other=0.0).to(tl.float32)
-                else:
-                    wv = tl.where(cmask, 1.0, 0.0)
+                cmask, ch = _group_channels(g, Cg, c0, BLOCK_C, CG_DIV, EVEN_C)
+                wv, _ = _channel_params(W, B, ch, cmask, HAS_W, False)
                 rows = (n * SPLIT + j).to(tl.int64)[:, None] * C + ch[None, :]
                 pm = jm[:, None] & cmask[None, :]
                 pw = tl.reduce(tl.load(DWP + rows, mask=pm, other=0.0), 0, _sum_combine)
