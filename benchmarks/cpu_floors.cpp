@@ -12,6 +12,10 @@
 #include <immintrin.h>
 #include <omp.h>
 
+#ifndef __AVX512F__
+#error "cpu_floors.cpp is written with AVX-512 intrinsics (as the kernels' fast paths); build it with -march=native on an AVX-512 machine"
+#endif
+
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
