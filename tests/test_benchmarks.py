@@ -1,5 +1,5 @@
-"""Smoke tests of the benchmark scripts: each runs on the smallest shape of the set with one
-repetition and must print a well-formed table. Speed is not checked here (the benchmarks do
+"""Smoke tests of the benchmark scripts: each runs on the smallest shape of the set with a few
+repetitions and must print a well-formed table. Speed is not checked here (the benchmarks do
 that); what fails here is a script that no longer runs or prints nonsense."""
 import re
 import shutil
