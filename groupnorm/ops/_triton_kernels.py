@@ -747,14 +747,8 @@ def _gn_cl_fwd_norm(
     grp = n * G + cc // Cg
     mean = tl.load(MEAN + grp, mask=cmask, other=0.0)
     rstd = tl.load(RSTD + grp, mask=cmask, other=0.0)
-    if HAS_W:
-        a = tl.load(W + cc, mask=cmask, other=0.0).to(tl.float32) * rstd
-    else:
-        a = rstd
-    if HAS_B:
-        b = tl.load(B + cc, mask=cmask, other=0.0).to(tl.float32)
-    else:
-        b = tl.full([BLOCK_CC], 0.0, tl.float32)
+    wv, b = _channel_params(W, B, cc, cmask, HAS_W, HAS_B)
+    a = wv * rstd
     p_lo = sp * P_CHUNK
     p_hi = tl.minimum(p_lo + P_CHUNK, S)
     nn = n
@@ -801,14 +795,7 @@ def _gn_cl_bwd_sums(
     grp = n * G + cc // Cg
     mean = tl.load(MEAN + grp, mask=cmask, other=0.0)
     rstd = tl.load(RSTD + grp, mask=cmask, other=0.0)
-    if HAS_W:
-        wv = tl.load(W + cc, mask=cmask, other=0.0).to(tl.float32)
-    else:
-        wv = tl.where(cmask, 1.0, 0.0)
-    if HAS_B:
-        bv = tl.load(B + cc, mask=cmask, other=0.0).to(tl.float32)
-    else:
-        bv = tl.full([BLOCK_CC], 0.0, tl.float32)
+    wv, bv = _channel_params(W, B, cc, cmask, HAS_W, HAS_B)
     prow = (n * SPLIT + sp).to(tl.int64) * C + cc
     p_lo = sp * P_CHUNK
     p_hi = tl.minimum(p_lo + P_CHUNK, S)
@@ -863,14 +850,7 @@ def _gn_cl_bwd_dx(
     grp_c = cc // Cg
     mean = tl.load(MEAN + n * G + grp_c, mask=cmask, other=0.0)
     rstd = tl.load(RSTD + n * G + grp_c, mask=cmask, other=0.0)
-    if HAS_W:
-        wv = tl.load(W + cc, mask=cmask, other=0.0).to(tl.float32)
-    else:
-        wv = tl.where(cmask, 1.0, 0.0)
-    if HAS_B:
-        bv = tl.load(B + cc, mask=cmask, other=0.0).to(tl.float32)
-    else:
-        bv = tl.full([BLOCK_CC], 0.0, tl.float32)
+    wv, bv = _channel_params(W, B, cc, cmask, HAS_W, HAS_B)
     c1 = tl.load(C1 + n * G + grp_c, mask=cmask, other=0.0)
     c2 = tl.load(C2 + n * G + grp_c, mask=cmask, other=0.0)
     p_lo = sp * P_CHUNK
