@@ -355,7 +355,7 @@ def test_sixteen_warps_only_where_measured_faster():
     # backward: only the paths measured faster with 16 warps
     assert T._warps(tile, big, backward=True, fast_bwd=True).num_warps == 16
     assert T._warps(tile, big, backward=True, fast_bwd=False).num_warps == 8
-    # pixel-major backward: all but the 16-bit ones with SiLU fused (those measured 0.79-0.89x)
+    # pixel-major backward: all but the 16-bit ones with SiLU fused (those measured 0.79-0.99x)
     assert T.pixel_major_bwd_wants_16_warps("none", 2) and T.pixel_major_bwd_wants_16_warps("silu", 4)
     assert not T.pixel_major_bwd_wants_16_warps("silu", 2)
     # smaller tiles keep their warps; an explicit override wins

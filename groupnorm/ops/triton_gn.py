@@ -192,7 +192,7 @@ def _warps(cfg, nbytes: int, backward: bool, fast_bwd: bool):
     forwards). Backwards only where ``fast_bwd`` (the pixel-major kernels, but for 16-bit
     dtypes with SiLU fused; NCHW split groups in 16-bit dtypes): the group kernels' backward on
     channels-last, the one-kernel NCHW backward, fp32 split backwards (0.91-0.99x) and the
-    16-bit pixel-major backward with SiLU (0.79-0.89x) measured slower. ``warps`` in
+    16-bit pixel-major backward with SiLU (0.79-0.99x) measured slower. ``warps`` in
     :func:`config_override` wins."""
     if "warps" in _override or cfg.num_warps != 8 or nbytes < BIG_TENSOR or (backward and not fast_bwd):
         return cfg
@@ -494,9 +494,9 @@ def _forward_pixel_major(K, xv, rv, yv, sv, weight, bias, mean, rstd, N, G, Cg, 
 
 
 def pixel_major_bwd_wants_16_warps(activation: str, itemsize: int) -> bool:
-    """16 warps on >= 32 MiB tensors measured 1.08-1.20x on the plain pixel-major backward and
-    1.12-1.38x on fp32 with SiLU, but 0.79-0.89x on 16-bit dtypes with SiLU (H200,
-    benchmarks/results/gpu-h200_2026-11-26b.md)."""
+    """16 warps on >= 32 MiB tensors measured 1.04-1.20x on the plain pixel-major backward and
+    1.12-1.38x on fp32 with SiLU, but 0.79-0.99x on 16-bit dtypes with SiLU (H200,
+    benchmarks/results/gpu-h200_2026-11-26b.md). GELU and ReLU, not measured, follow SiLU."""
     return activation == "none" or itemsize == 4
 
 
