@@ -159,7 +159,6 @@ def main():
             except Exception as e:  # a prototype on Triton internals: report, do not abort
                 direct = f"failed: {type(e).__name__}: {str(e)[:120]}"
         print(f"| {k} | {real:.1f} | {stub} | {direct} |", flush=True)
-    launch_costs(rows)
     launch_anatomy()
     launch_timing(x, w, b, xr, dy)
     # the direct launches must compute the same thing (same compiled kernels, same arguments)
@@ -167,34 +166,6 @@ def main():
         check_direct(x, w, b, xr, dy)
     except Exception as e:
         print(f"direct launches failed: {type(e).__name__}: {e}")
-
-
-def launch_costs(rows: dict) -> None:
-    """Host cost of each kernel's launch, alone: the call with every other kernel stubbed
-    minus the call with all stubbed (the backward's launches measured ~3x the forward's on
-    an H200 VM, 2026-11-26: this says which)."""
-    K = T._kernels()
-    names = [n for n in dir(K) if n.startswith("_gn_") and hasattr(getattr(K, n), "run")]
-    print("\n| call | kernel | launch host cost, us |\n|---|---|---|")
-    for k in ("launcher T.forward", "groupnorm fwd+bwd (autograd)"):
-        fn = rows[k]
-        with stubbed_launches():
-            base = host_us(fn)
-        for n in names:
-            calls = []
-            orig = getattr(K, n)
-
-            class _Count:  # does this call launch kernel n at all?
-                def __getitem__(self, grid):
-                    return lambda *a, **kw: calls.append(n)
-            with stubbed_launches():
-                setattr(K, n, _Count())
-                fn()
-                setattr(K, n, orig)
-            if not calls:
-                continue
-            with stubbed_launches(keep=(n,)):
-                print(f"| {k} | {n} x{len(calls)} | {host_us(fn) - base:.1f} |", flush=True)
 
 
 def launch_anatomy() -> None:
@@ -240,7 +211,9 @@ def launch_anatomy() -> None:
 def launch_timing(x, w, b, xr, dy) -> None:
     """Each kernel launch's own wall time (perf_counter around ``kernel[grid](...)``) in a real
     call: inside autograd's backward (its CUDA worker thread) and through the launcher called
-    on the main thread; then a cProfile of the launcher's backward on the main thread."""
+    on the main thread; then a cProfile of the launcher's backward on the main thread. (It
+    replaced an estimate by subtraction, call time with one kernel real and the rest stubbed
+    minus all stubbed, which moved by +-90 us between two runs on an H200 VM.)"""
     import collections
     import cProfile
     import pstats
@@ -367,11 +340,10 @@ class _Direct:
 
 
 @contextlib.contextmanager
-def _replaced_kernels(wrap, keep=()):
-    """Every Triton kernel of the route (but those named in ``keep``) replaced by ``wrap(kernel)``
-    for the block, then restored."""
+def _replaced_kernels(wrap):
+    """Every Triton kernel of the route replaced by ``wrap(kernel)`` for the block, then restored."""
     K = T._kernels()
-    saved = {n: getattr(K, n) for n in dir(K) if n.startswith("_gn_") and n not in keep}
+    saved = {n: getattr(K, n) for n in dir(K) if n.startswith("_gn_")}
     try:
         for n, f in saved.items():
             setattr(K, n, wrap(f))
@@ -390,11 +362,10 @@ def direct_launches():
     return _replaced_kernels(_Direct)
 
 
-def stubbed_launches(keep=()):
-    """Every Triton kernel of the route replaced by a no-op (except those named in ``keep``):
-    what is left of a call's host time is the launcher's own Python, allocations and autograd
-    (plus the kept kernels' launches), not Triton's launch path."""
-    return _replaced_kernels(lambda f: _NoLaunch(), keep)
+def stubbed_launches():
+    """Every Triton kernel of the route replaced by a no-op: what is left of a call's host time
+    is the launcher's own Python, allocations and autograd, not Triton's launch path."""
+    return _replaced_kernels(lambda f: _NoLaunch())
 
 if __name__ == "__main__":
     main()
