@@ -145,8 +145,7 @@ def pick_config(N: int, G: int, Cg: int, S: int, channel_contiguous: bool, num_s
         # (benchmarks/results/gpu-h100_probe_2026-11-25.md): ResNet-50 stage 5 (32, 2048, 7, 7)
         # bf16 fwd 0.030 -> 0.020 ms, bwd 0.047 -> 0.037 ms; (32, 64, 32, 32) fwd 0.011 -> 0.009 ms
         tile = SMALL_GROUP_TILE
-    cfg = _pick(N, G, Cg, S, bool(channel_contiguous), num_sms, split, items, tile or TILE)
-    return replace(cfg, num_warps=_override["warps"]) if "warps" in _override else cfg
+    return _forced_warps(_pick(N, G, Cg, S, bool(channel_contiguous), num_sms, split, items, tile or TILE))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -182,6 +181,11 @@ def _pick(N: int, G: int, Cg: int, S: int, channel_contiguous: bool, num_sms: in
     elems = block_c * block_s
     num_warps = 8 if elems >= 4096 else 4 if elems >= 1024 else 2 if elems >= 256 else 1
     return Config(split, items, block_c, block_s, s_chunk, num_warps)
+
+
+def _forced_warps(cfg):
+    """``cfg`` (a Config or ClConfig) with the warps of :func:`config_override`, if set."""
+    return replace(cfg, num_warps=_override["warps"]) if "warps" in _override else cfg
 
 
 def _warps(cfg, nbytes: int, backward: bool, fast_bwd: bool):
@@ -234,8 +238,7 @@ def use_pixel_major(t: Tensor, C: int, Cg: int, S: int) -> bool:
 def pick_cl_config(N: int, C: int, S: int, num_sms: int) -> ClConfig:
     split = _override.get("split")
     tile = _override.get("tile") or TILE
-    cfg = _pick_cl(N, C, S, num_sms, split, tile)
-    return replace(cfg, num_warps=_override["warps"]) if "warps" in _override else cfg
+    return _forced_warps(_pick_cl(N, C, S, num_sms, split, tile))
 
 
 @functools.lru_cache(maxsize=1024)
