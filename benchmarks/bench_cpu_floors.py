@@ -98,7 +98,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     exe = build()
-    print(f"# CPU floors: access patterns of a forward vs a copy, fp32 ({datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC)\n")
+    print(f"# CPU floors: access patterns of a forward vs a copy, fp32 ({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC)\n")
     print(f"- `python benchmarks/bench_cpu_floors.py --reps {a.reps}`; {a.threads} threads; torch {torch.__version__}; "
           f"load average at start {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
     print("- each cell: median time / median time of the copy of the same bytes (x -> y) in the same run; "
