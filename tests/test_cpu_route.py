@@ -168,6 +168,9 @@ def test_large_mean(dtype, layout):
     tol_scale = max(1.0, 4 * torch.finfo(f32).eps * 1000.0 / TOL[dtype]["atol"]) if dtype != f64 else 1.0
     check((2, 16, 8, 8), 4, dtype, layout, "silu", shift=1000.0, tol_scale=tol_scale)
     check((1, 4, 96, 96), 2, dtype, layout, shift=1000.0, tol_scale=tol_scale)  # several blocks merged
+    # |mean * rstd * w| just under the bf16 channels-last output's fold bound (256): x * scale +
+    # (shift - mean * scale) with a rounded folded shift; C = 64 so whole 32-lane steps run
+    check((2, 64, 8, 8), 4, dtype, layout, shift=200.0)
 
 
 @pytest.mark.parametrize("dtype", [f32, bf16, f64])
