@@ -2,8 +2,8 @@
 // as torch.ops.groupnorm_cpu.*). torch/library.h instead of torch/extension.h (pybind11)
 // keeps the one-time build short.
 //
-// fwd / bwd make the inputs dense in the output layout, cast the parameters to the
-// accumulation dtype and allocate the outputs here (the same steps in Python cost ~20 us per
+// fwd / bwd make the inputs dense in the output layout (the parameters too, in their own
+// dtype: the kernels convert per read, ParamView) and allocate the outputs here (the same steps in Python cost ~20 us per
 // call, several times the kernel on small tensors); fwd_out writes into a given y.
 #include <torch/library.h>
 #include <ATen/ATen.h>
@@ -49,9 +49,10 @@ at::ScalarType acc_of(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-c10::optional<at::Tensor> acc_param(const c10::optional<at::Tensor>& p, at::ScalarType acc) {
+// weight / bias as the kernels read them: any floating dtype (converted per read), dense
+c10::optional<at::Tensor> dense_param(const c10::optional<at::Tensor>& p) {
   if (!p.has_value() || !p->defined()) return c10::nullopt;
-  return p->to(acc).contiguous();
+  return p->contiguous();
 }
 
 // The forward into y (x's output layout, as memory_format_of says): mean, rstd and the sum
@@ -70,7 +71,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_fwd_into(
     s = at::empty_like(xc, xc.options(), fmt);
     advise_huge_pages(*s);
   }
-  gn_forward(xc, acc_param(weight, acc), acc_param(bias, acc), r, G, eps, act,
+  gn_forward(xc, dense_param(weight), dense_param(bias), r, G, eps, act,
              fmt != at::MemoryFormat::Contiguous, y, mean, rstd, s);
   return {mean, rstd, s.has_value() ? *s : at::empty({0}, x.options())};
 }
@@ -101,7 +102,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_bwd(
   // dW / dB in the parameters' dtype, dense; empty when there is no parameter
   at::Tensor dw = has_w ? at::empty(weight->sizes(), weight->options()) : at::empty({0}, xs.options());
   at::Tensor db = has_b ? at::empty(bias->sizes(), bias->options()) : at::empty({0}, xs.options());
-  gn_backward(dyc, dsc, xc, acc_param(weight, acc), acc_param(bias, acc), mean.to(acc).contiguous(),
+  gn_backward(dyc, dsc, xc, dense_param(weight), dense_param(bias), mean.to(acc).contiguous(),
               rstd.to(acc).contiguous(), G, act, fmt != at::MemoryFormat::Contiguous, dx,
               has_w ? c10::optional<at::Tensor>(dw) : c10::nullopt,
               has_b ? c10::optional<at::Tensor>(db) : c10::nullopt);

@@ -45,6 +45,34 @@ template <> struct Acc<double> { using type = double; };
 
 enum Act : int { kNone = 0, kSilu = 1, kGelu = 2, kRelu = 3 };
 
+// A per-channel parameter (weight or bias) of any floating dtype, read as S. The kernels read
+// it once per channel, outside the vector loops, so the converting read costs nothing, and the
+// launcher need not allocate an S copy (bf16 parameters: 2 C floats held through the backward,
+// above torch's peak; benchmarks/bench_cpu.py --memory). Null: no parameter.
+template <typename S>
+struct ParamView {
+  const void* p = nullptr;
+  at::ScalarType t = at::kFloat;
+  ParamView() = default;
+  explicit ParamView(const at::Tensor& v) {
+    if (!v.defined()) return;
+    TORCH_CHECK(v.is_contiguous(), "groupnorm cpu: parameters must be contiguous");
+    t = v.scalar_type();
+    TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf,
+                "groupnorm cpu: unsupported parameter dtype ", t);
+    p = v.data_ptr();
+  }
+  explicit operator bool() const { return p != nullptr; }
+  S operator[](int64_t c) const {
+    switch (t) {
+      case at::kDouble: return S(static_cast<const double*>(p)[c]);
+      case at::kBFloat16: return S(float(static_cast<const BFloat16*>(p)[c]));
+      case at::kHalf: return S(float(static_cast<const Half*>(p)[c]));
+      default: return S(static_cast<const float*>(p)[c]);
+    }
+  }
+};
+
 // ---- loads / stores of kV = Vectorized<acc>::size() elements, converting to/from acc ----
 template <typename T> struct IO;
 

@@ -18,7 +18,7 @@ using AccT = typename Acc<T>::type;
 
 // ---------------------------------------------------------------- contiguous (N, C, *)
 template <typename T, int ACT>
-void bwd_nchw(const T* dy, const T* dsum, const T* x, const AccT<T>* w, const AccT<T>* b,
+void bwd_nchw(const T* dy, const T* dsum, const T* x, ParamView<AccT<T>> w, ParamView<AccT<T>> b,
               const AccT<T>* mean, const AccT<T>* rstd, T* dx, AccT<T>* A, AccT<T>* B,
               int64_t N, int64_t C, int64_t HW, int64_t G) {
   using S = AccT<T>;
@@ -150,7 +150,7 @@ void bwd_nchw(const T* dy, const T* dsum, const T* x, const AccT<T>* w, const Ac
 
 // ---------------------------------------------------------------- channels-last (N, *, C)
 template <typename T, int ACT>
-void bwd_cl(const T* dy, const T* dsum, const T* x, const AccT<T>* w, const AccT<T>* b,
+void bwd_cl(const T* dy, const T* dsum, const T* x, ParamView<AccT<T>> w, ParamView<AccT<T>> b,
             const AccT<T>* mean, const AccT<T>* rstd, T* dx, AccT<T>* A, AccT<T>* B,
             int64_t N, int64_t C, int64_t P, int64_t G) {
   using S = AccT<T>;
@@ -356,8 +356,7 @@ void bwd_typed(const at::Tensor& dy, const at::Tensor& dsum, const at::Tensor& x
   using S = AccT<T>;
   const int64_t N = x.size(0), C = x.size(1), P = x.numel() / (N * C);
   const T* dsp = dsum.defined() ? dsum.data_ptr<T>() : nullptr;
-  const S* wp = w.defined() ? w.data_ptr<S>() : nullptr;
-  const S* bp = b.defined() ? b.data_ptr<S>() : nullptr;
+  const ParamView<S> wp(w), bp(b);
   auto f = cl ? bwd_cl<T, ACT> : bwd_nchw<T, ACT>;
   f(dy.data_ptr<T>(), dsp, x.data_ptr<T>(), wp, bp, mean.data_ptr<S>(), rstd.data_ptr<S>(),
     dx.data_ptr<T>(), A.data_ptr<S>(), B.data_ptr<S>(), N, C, P, G);
@@ -379,8 +378,8 @@ void bwd_act(int64_t act, const at::Tensor& dy, const at::Tensor& dsum, const at
 }  // namespace
 }  // namespace gn
 
-// dy, dsum, xs, dx dense in the layout given by channels_last; weight/bias in the
-// accumulation dtype; dw/db (if given) receive the per-channel sums (any float dtype).
+// dy, dsum, xs, dx dense in the layout given by channels_last; weight/bias dense, any float
+// dtype (ParamView); dw/db (if given) receive the per-channel sums (any float dtype).
 void gn_backward(const at::Tensor& dy, const c10::optional<at::Tensor>& dsum, const at::Tensor& xs,
                  const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
                  const at::Tensor& mean, const at::Tensor& rstd, int64_t G, int64_t act,
@@ -406,24 +405,25 @@ void gn_backward(const at::Tensor& dy, const c10::optional<at::Tensor>& dsum, co
     default: TORCH_CHECK(false, "groupnorm cpu: unsupported dtype ", xs.scalar_type());
   }
   // dweight = sum_n B, dbias = sum_n A: a fixed-order sum over n (sum(0) of a contiguous
-  // (N, C) tensor reduces each column sequentially for small N; do it explicitly to be sure)
+  // (N, C) tensor reduces each column sequentially for small N; do it explicitly to be sure),
+  // written into row 0 of B and A (row 0 of column c is read only for column c): no
+  // temporaries, so the backward allocates exactly what torch's does (dx, dw, db, two (N, C)
+  // sums; benchmarks/bench_cpu.py --memory)
   if ((dw.has_value() && dw->defined()) || (db.has_value() && db->defined())) {
-    at::Tensor sw = A.new_empty({C}), sb = A.new_empty({C});
     AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "gn_dwdb", [&] {
-      const scalar_t* a = A.data_ptr<scalar_t>();
-      const scalar_t* q = B.data_ptr<scalar_t>();
-      scalar_t* ow = sw.data_ptr<scalar_t>();
-      scalar_t* ob = sb.data_ptr<scalar_t>();
+      scalar_t* a = A.data_ptr<scalar_t>();
+      scalar_t* q = B.data_ptr<scalar_t>();
       for (int64_t c = 0; c < C; c++) {
         scalar_t s1 = 0, s2 = 0;
         for (int64_t n = 0; n < N; n++) {
           s1 += q[n * C + c];
           s2 += a[n * C + c];
         }
-        ow[c] = s1;
-        ob[c] = s2;
+        q[c] = s1;
+        a[c] = s2;
       }
     });
+    const at::Tensor sw = B[0], sb = A[0];
     if (dw.has_value() && dw->defined()) dw->copy_(sw);
     if (db.has_value() && db->defined()) db->copy_(sb);
   }

@@ -255,7 +255,7 @@ void out_and_stats(const T* src, T* dst, const T* nxt, int64_t D, int64_t HW, Ac
 }
 
 template <typename T, int ACT>
-void fwd_nchw(const T* x, const T* r, T* s, T* y, const AccT<T>* w, const AccT<T>* b,
+void fwd_nchw(const T* x, const T* r, T* s, T* y, ParamView<AccT<T>> w, ParamView<AccT<T>> b,
               AccT<T>* mean_o, AccT<T>* rstd_o, int64_t N, int64_t C, int64_t HW, int64_t G,
               AccT<T> eps) {
   using S = AccT<T>;
@@ -354,7 +354,7 @@ inline void fold_rows(S* a, int64_t C, int64_t R) {
 
 // ---------------------------------------------------------------- channels-last (N, *, C)
 template <typename T, int ACT>
-void fwd_cl(const T* x, const T* r, T* s, T* y, const AccT<T>* w, const AccT<T>* b,
+void fwd_cl(const T* x, const T* r, T* s, T* y, ParamView<AccT<T>> w, ParamView<AccT<T>> b,
             AccT<T>* mean_o, AccT<T>* rstd_o, int64_t N, int64_t C, int64_t P, int64_t G,
             AccT<T> eps) {
   using S = AccT<T>;
@@ -700,8 +700,7 @@ void fwd_dispatch_layout(const at::Tensor& x, const at::Tensor& r, const at::Ten
   const T* xp = x.data_ptr<T>();
   const T* rp = r.defined() ? r.data_ptr<T>() : nullptr;
   T* sp = s.defined() ? s.data_ptr<T>() : nullptr;
-  const S* wp = w.defined() ? w.data_ptr<S>() : nullptr;
-  const S* bp = b.defined() ? b.data_ptr<S>() : nullptr;
+  const ParamView<S> wp(w), bp(b);
   if (cl)
     fwd_cl<T, ACT>(xp, rp, sp, y.data_ptr<T>(), wp, bp, mean.data_ptr<S>(), rstd.data_ptr<S>(), N, C, P, G, S(eps));
   else
@@ -725,7 +724,7 @@ void fwd_dispatch_act(int64_t act, const at::Tensor& x, const at::Tensor& r, con
 }  // namespace gn
 
 // All tensors are dense in the layout given by channels_last (checked by the launcher,
-// re-checked here); weight/bias are already in the accumulation dtype.
+// re-checked here); weight/bias dense, any float dtype (ParamView).
 void gn_forward(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
                 const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual,
                 int64_t G, double eps, int64_t act, bool channels_last, const at::Tensor& y,

@@ -134,8 +134,8 @@ def forward(x, weight, bias, residual, num_groups, eps, activation="none", *, ou
     if x.numel() == 0:  # N = 0 or an empty spatial dim: nothing to compute
         return reference.forward(x, weight, bias, residual, num_groups, eps, activation)
     # the C++ op makes x dense in its output layout (a copy only for exotic strided views,
-    # which then give a contiguous output, as memory_format_of says), casts the parameters to
-    # the accumulation dtype and allocates the outputs (y too, unless ``out`` is given)
+    # which then give a contiguous output, as memory_format_of says) and allocates the outputs
+    # (y too, unless ``out`` is given); the kernels read the parameters in their own dtype
     ext = load_extension()
     args = (x, weight, bias, residual, num_groups, float(eps), _ACT[activation])
     if out is None:
