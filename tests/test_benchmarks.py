@@ -56,3 +56,29 @@ def test_bench_cpu_floors_prints_every_pattern():
     ratios = [float(c) for c in cells[2:]]
     assert float(cells[1]) > 0 and all(r > 0 for r in ratios)
     assert ratios[0] < ratios[2]
+
+
+def test_alloc_peak_counts_allocations_and_frees():
+    # bench_cpu --memory's exact measure: the peak of bytes held through torch's CPU allocator
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from bench_cpu import alloc_peak
+    finally:
+        sys.path.pop(0)
+    import torch
+
+    mib = 1 << 20
+
+    def two_at_once():
+        a = torch.empty(mib, dtype=torch.uint8)
+        b = torch.empty(2 * mib, dtype=torch.uint8)
+        del a, b
+
+    def one_after_another():
+        a = torch.empty(mib, dtype=torch.uint8)
+        del a
+        b = torch.empty(2 * mib, dtype=torch.uint8)
+        del b
+
+    assert alloc_peak(two_at_once) == 3 * mib
+    assert alloc_peak(one_after_another) == 2 * mib  # frees are counted when they happen
