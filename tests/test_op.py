@@ -575,3 +575,32 @@ def test_broken_triton_disables_only_its_route_with_a_warning(monkeypatch):
     assert "triton" not in names and "reference" in names
     x = torch.randn(2, 4, 3)
     torch.testing.assert_close(group_norm(x, 2), F.group_norm(x, 2))
+
+
+def test_route_registry_changes_are_seen():
+    # _by_priority keeps its sorted list while ROUTES holds the same Route objects: a route
+    # added, replaced or deleted afterwards must still be seen by "auto" and available_routes
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    calls = []
+
+    def fwd(x, weight, bias, residual, num_groups, eps, activation):
+        calls.append(x.shape)
+        return routes.ROUTES["reference"].forward(x, weight, bias, residual, num_groups, eps, activation)
+
+    before = routes.available_routes()
+    try:
+        routes.register_route("probe", fwd, routes.ROUTES["reference"].backward,
+                              lambda x, weight, residual, activation: None, priority=10**6)
+        assert routes.available_routes()[0] == "probe"
+        with torch.no_grad():
+            group_norm(x, 2)
+        assert calls == [x.shape]
+        # replaced by a route that declines every call: "auto" falls through to the others
+        routes.register_route("probe", fwd, routes.ROUTES["reference"].backward,
+                              lambda x, weight, residual, activation: "never", priority=10**6)
+        with torch.no_grad():
+            group_norm(x, 2)
+        assert calls == [x.shape]
+    finally:
+        routes.ROUTES.pop("probe", None)
+    assert routes.available_routes() == before
