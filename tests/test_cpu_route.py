@@ -442,3 +442,13 @@ def test_native_autograd_node_behaves_like_autograd():
     z.add_(1)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y4.sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [f32, bf16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_outputs_of_64_mib_are_streamed_correctly(dtype, layout):
+    # tensors >= 64 MiB: the forward's output and the backward's dx go out with non-temporal
+    # stores (AVX-512; kStreamBytes in group_norm_cpu.h); the values must not change. 64 MiB
+    # exactly, the threshold; channels-last rows of 64 channels keep every store aligned
+    shape = (1, 64, 512, 512) if dtype == f32 else (2, 64, 512, 512)
+    check(shape, 32, dtype, layout, "silu" if layout == "contiguous" and dtype == f32 else None)

@@ -166,15 +166,55 @@ struct BF16x32 {
     if constexpr (!kNanSafe) return r;
     return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q), _mm512_set1_epi32(-1));
   }
-  template <bool kNanSafe = true>
+  template <bool kNanSafe = true, bool kNT = false>
   static inline void store(BFloat16* p, __m512 even, __m512 odd) {
     const __m512i e = _mm512_srli_epi32(round_hi<kNanSafe>(even), 16);
     // ternary-logic table 0xEA = (A & B) | C: (odd & 0xFFFF0000) | e
     const __m512i v = _mm512_ternarylogic_epi32(round_hi<kNanSafe>(odd), _mm512_set1_epi32(int(0xFFFF0000u)), e, 0xEA);
-    _mm512_storeu_si512(reinterpret_cast<void*>(p), v);
+    if constexpr (kNT) _mm512_stream_si512(reinterpret_cast<__m512i*>(p), v);
+    else _mm512_storeu_si512(reinterpret_cast<void*>(p), v);
   }
 };
 #endif
+
+// One full vector stored with a non-temporal hint (p aligned to the store's width: 64 bytes
+// for float, 32 for bf16): for outputs of tensors >= 64 MiB, written without reading each
+// line first (kStreamBytes). The same values as IO<T>::store; other types/ISAs store normally.
+constexpr int64_t kStreamBytes = int64_t(64) << 20;
+template <typename T>
+inline void store_stream(T* p, const typename IO<T>::V& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    _mm512_stream_ps(p, v);
+    return;
+  }
+  if constexpr (std::is_same_v<T, BFloat16>) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), at::vec::cvtfp32_bf16(__m512(v)));
+    return;
+  }
+#endif
+  IO<T>::store(p, v);
+}
+// whether an output of `bytes` at y, whose full-vector stores all land on multiples of
+// `stride_bytes` from y, is streamed (store_stream / store_pair<.., true>)
+template <typename T>
+inline bool want_stream(const void* y, int64_t bytes, int64_t stride_bytes) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return (std::is_same_v<T, float> || std::is_same_v<T, BFloat16>) && bytes >= kStreamBytes &&
+         reinterpret_cast<uintptr_t>(y) % 64 == 0 && stride_bytes % 64 == 0;
+#else
+  (void)y; (void)bytes; (void)stride_bytes;
+  return false;
+#endif
+}
+// after a task's non-temporal stores: order them before whatever reads the output next
+inline void fence_streamed(bool streamed) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if (streamed) _mm_sfence();
+#else
+  (void)streamed;
+#endif
+}
 
 // Two acc vectors from 2 * kV consecutive values: bf16 on AVX-512 in BF16x32's lane order
 // (even-, then odd-indexed values; 2 * kV = 32), every other case in memory order. For
@@ -196,11 +236,16 @@ inline void load_pair(const T* p, typename IO<T>::V& a, typename IO<T>::V& b) {
   b = IO<T>::load(p + IO<T>::V::size());
 }
 
-template <bool kNanSafe = true, typename T>
+template <bool kNanSafe = true, bool kNT = false, typename T>
 inline void store_pair(T* p, const typename IO<T>::V& a, const typename IO<T>::V& b) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<T, BFloat16>) {
-    BF16x32::store<kNanSafe>(p, a, b);
+    BF16x32::store<kNanSafe, kNT>(p, a, b);
+    return;
+  }
+  if constexpr (kNT && std::is_same_v<T, float>) {
+    _mm512_stream_ps(p, a);
+    _mm512_stream_ps(p + 16, b);
     return;
   }
 #endif
