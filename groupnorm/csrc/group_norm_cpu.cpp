@@ -3,8 +3,9 @@
 // keeps the one-time build short.
 //
 // fwd / bwd make the inputs dense in the output layout (the parameters too, in their own
-// dtype: the kernels convert per read, ParamView) and allocate the outputs here (the same steps in Python cost ~20 us per
-// call, several times the kernel on small tensors); fwd_out writes into a given y.
+// dtype: the kernels convert per read, ParamView) and allocate the outputs here (the same
+// steps in Python cost ~20 us per call, several times the kernel on small tensors); fwd_out
+// writes into a given y.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>

@@ -207,6 +207,13 @@ inline bool want_stream(const void* y, int64_t bytes, int64_t stride_bytes) {
   return false;
 #endif
 }
+// f(std::true_type{}) if flag else f(std::false_type{}): a runtime choice (e.g. want_stream's)
+// as a compile-time argument of the loop f instantiates
+template <typename F>
+inline void with_flag(bool flag, F&& f) {
+  if (flag) f(std::true_type{});
+  else f(std::false_type{});
+}
 // after a task's non-temporal stores: order them before whatever reads the output next
 inline void fence_streamed(bool streamed) {
 #if defined(CPU_CAPABILITY_AVX512)

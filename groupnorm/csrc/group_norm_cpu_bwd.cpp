@@ -124,7 +124,7 @@ void bwd_nchw(const T* dy, const T* dsum, const T* x, ParamView<AccT<T>> w, Para
             store_pair<decltype(nan_safe)::value, decltype(nt_t)::value>(dxr + i, r0, r1);
           }
         };
-        auto pick = [&](auto nt_t) {
+        with_flag(nt, [&](auto nt_t) {
           if constexpr (std::is_same_v<T, BFloat16>) {
             // finite statistics and sums: no NaN/Inf in this row's x and dy (they feed A, B, the
             // mean), so no NaN with a payload reaches the rounding; dsum is added unchecked
@@ -135,9 +135,7 @@ void bwd_nchw(const T* dy, const T* dsum, const T* x, ParamView<AccT<T>> w, Para
           } else {
             loop(std::true_type{}, nt_t);  // the other types' stores have no NaN test to skip
           }
-        };
-        if (nt) pick(std::true_type{});
-        else pick(std::false_type{});
+        });
         for (; i + kV <= HW; i += kV) {
           V r = dx_of(IO<T>::load(xr + i), ACT != kNone ? V::loadu(dzp + i) : IO<T>::load(dyr + i));
           if (dsum) r = r + IO<T>::load(dsum + off + i);

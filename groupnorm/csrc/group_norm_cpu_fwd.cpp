@@ -300,13 +300,10 @@ void fwd_nchw(const T* x, const T* r, T* s, T* y, ParamView<AccT<T>> w, ParamVie
         if (ng + 1 < end) {
           // bf16 with finite statistics and affine: rounding without the NaN test (apply_row)
           auto sweep = [&](auto nan_safe) {
-            constexpr bool kSafe = decltype(nan_safe)::value;
-            if (nt)
-              out_and_stats<T, ACT, true, kSafe, true>(x + base, y + base, x + base + D, D, HW, mu, scl.data(),
-                                                       shf.data(), mean, m2);
-            else
-              out_and_stats<T, ACT, true, kSafe>(x + base, y + base, x + base + D, D, HW, mu, scl.data(),
-                                                 shf.data(), mean, m2);
+            with_flag(nt, [&](auto nt_t) {
+              out_and_stats<T, ACT, true, decltype(nan_safe)::value, decltype(nt_t)::value>(
+                  x + base, y + base, x + base + D, D, HW, mu, scl.data(), shf.data(), mean, m2);
+            });
           };
           if constexpr (std::is_same_v<T, BFloat16>) {
             if (finite) sweep(std::false_type{});
@@ -627,8 +624,9 @@ void fwd_cl(const T* x, const T* r, T* s, T* y, ParamView<AccT<T>> w, ParamView<
     auto tail = [&](const T* row, T* out, int64_t i0, int64_t len) {  // memory-order lanes
       for_vec<kV>(len - i0, [&](int64_t i, int64_t k) {
         i += i0;
-        V z = at::vec::fmadd(ld(row + i, k) - lda(mc + i, k), lda(scl + i, k), lda(bc + i, k));
-        st(out + i, act_fwd<ACT>(z), k);
+        V z = act_fwd<ACT>(at::vec::fmadd(ld(row + i, k) - lda(mc + i, k), lda(scl + i, k), lda(bc + i, k)));
+        if (nt && k == kV) store_stream(out + i, z);  // rows are 64-byte aligned (want_stream)
+        else st(out + i, z, k);
       });
     };
 #if defined(CPU_CAPABILITY_AVX512)
@@ -656,27 +654,12 @@ void fwd_cl(const T* x, const T* r, T* s, T* y, ParamView<AccT<T>> w, ParamView<
           tail(row, out, i, len);
         });
       };
-      auto pick = [&](auto nt_t) {
+      with_flag(nt, [&](auto nt_t) {
         if (sc.fold) loop(std::false_type{}, std::true_type{}, nt_t);
         else if (sc.finite) loop(std::false_type{}, std::false_type{}, nt_t);
         else loop(std::true_type{}, std::false_type{}, nt_t);
-      };
-      if (nt) pick(std::true_type{});
-      else pick(std::false_type{});
+      });
       return;
-    }
-    if constexpr (std::is_same_v<T, float>) {
-      if (nt) {  // as tail, 16 values per streamed store (rows are 64-byte aligned: see nt)
-        rows([&](const T* row, T* out, int64_t len) {
-          int64_t i = 0;
-          for (; i + 16 <= len; i += 16) {
-            const V z = at::vec::fmadd(V::loadu(row + i) - V::loadu(mc + i), V::loadu(scl + i), V::loadu(bc + i));
-            _mm512_stream_ps(out + i, act_fwd<ACT>(z));
-          }
-          tail(row, out, i, len);
-        });
-        return;
-      }
     }
 #endif
     rows([&](const T* row, T* out, int64_t len) { tail(row, out, 0, len); });
